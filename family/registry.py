@@ -1,0 +1,304 @@
+"""The family registry: `family.json` at the root of a family folder.
+
+It is the one source of truth the gateway routes from: for every member its size, ranks, provenance,
+the sha256 of every weight file, and what was *measured* about it (accuracy records, latency profiles
+per device class). Written atomically; on load every member's files are checked (fast: size and
+mtime; full: sha256) and a member that fails is reported by name and never offered for serving.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from family import defaults
+from family.errors import FamilyError
+from family.storage import atomic_write_text, sha256_file
+
+SCHEMA_VERSION = 1
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WEIGHT_SUFFIXES = (".safetensors",)
+Verify = Literal["none", "fast", "full"]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileRecord(_Model):
+    """One weight file of a member: what it must hash to, and cheap fingerprints for fast checks."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+class AccuracyRecord(_Model):
+    """One measured accuracy figure, with enough context to reproduce it."""
+
+    metric: str  # "perplexity", "top1_agreement", "mean_kl", "lm_eval:<task>", ...
+    value: float
+    data: str  # file path or dataset name
+    data_sha256: str | None = None
+    tokens: int | None = None
+    reference: str | None = None  # the member compared against (agreement, KL)
+    command: str = ""
+    measured_at: str = Field(default_factory=now_iso)
+
+
+class LatencySample(_Model):
+    """One measured request shape: time to first token, time per output token, throughput."""
+
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    throughput_tok_s: float
+
+
+class LatencyProfile(_Model):
+    """Everything measured about one member on one device class, through the engine that serves it."""
+
+    device_class: str
+    engine: str  # "vllm" | "torch"
+    dtype: str = "float32"
+    samples: list[LatencySample] = Field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    latency_model: dict[str, float] | None = None  # coefficients fitted by family.latency
+    command: str = ""
+    measured_at: str = Field(default_factory=now_iso)
+
+
+class MemberRecord(_Model):
+    name: str
+    path: str  # relative to the family folder
+    architecture: str
+    is_parent: bool = False
+    derived_from: str | None = None  # the member it was cut from (None for the parent)
+    ranks: dict[str, int] = Field(default_factory=dict)
+    parameters: int
+    bytes: dict[str, int]  # weight bytes at each serving dtype
+    max_model_len: int = defaults.MAX_MODEL_LEN
+    files: dict[str, FileRecord]
+    provenance: dict = Field(default_factory=dict)
+    accuracy: list[AccuracyRecord] = Field(default_factory=list)
+    latency: dict[str, LatencyProfile] = Field(default_factory=dict)  # by device class
+
+    def metric(self, metric: str) -> float | None:
+        """The newest record of `metric`, or None."""
+        found = [r for r in self.accuracy if r.metric == metric]
+        return found[-1].value if found else None
+
+
+class FamilyRegistry(_Model):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    parent: str  # name of the parent member
+    members: list[MemberRecord] = Field(default_factory=list)
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+
+    def member(self, name: str) -> MemberRecord:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise FamilyError(f"no member named {name!r} in family {self.name!r} (members: {', '.join(self.names())})")
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def upsert(self, record: MemberRecord) -> None:
+        self.members = [m for m in self.members if m.name != record.name] + [record]
+        self.members.sort(key=lambda m: (not m.is_parent, -m.parameters))
+
+
+class Family:
+    """A registry loaded from a folder, with the members that passed verification."""
+
+    def __init__(self, root: Path, registry: FamilyRegistry, problems: dict[str, str]):
+        self.root = Path(root)
+        self.registry = registry
+        self.problems = problems  # member name → why it is not servable
+
+    @property
+    def servable(self) -> list[MemberRecord]:
+        return [m for m in self.registry.members if m.name not in self.problems]
+
+    def member_dir(self, name: str) -> Path:
+        return self.root / self.registry.member(name).path
+
+    def save(self) -> None:
+        save_registry(self.root, self.registry)
+
+
+# --- reading members from disk -------------------------------------------------------------------
+
+
+def _weight_files(member_dir: Path) -> list[Path]:
+    return sorted(p for p in member_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def _count_parameters(member_dir: Path) -> int:
+    """Parameters stored in the member's safetensors files (tied embeddings are stored, and counted, once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in _weight_files(member_dir):
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                n = 1
+                for d in sf.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def describe_member(family_root: Path, member_dir: Path, *, name: str, is_parent: bool = False) -> MemberRecord:
+    """Measure a member folder: parameters, bytes per dtype, ranks, checksums, provenance."""
+    member_dir = Path(member_dir)
+    config_path = member_dir / "config.json"
+    if not config_path.is_file():
+        raise FamilyError(f"member {name!r}: no config.json in {member_dir}")
+    config = json.loads(config_path.read_text())
+    files = _weight_files(member_dir)
+    if not files:
+        raise FamilyError(f"member {name!r}: no .safetensors weight file in {member_dir}")
+    provenance_path = member_dir / "provenance.json"
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    params = _count_parameters(member_dir)
+    root, resolved = Path(family_root).resolve(), member_dir.resolve()
+    # Inside the family folder: a relative path, so the folder can move; elsewhere (a parent kept
+    # outside the family): absolute.
+    rel = str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
+    return MemberRecord(
+        name=name,
+        path=rel,
+        architecture=(config.get("architectures") or ["?"])[0],
+        is_parent=is_parent,
+        derived_from=provenance.get("derived_from"),
+        ranks={k: int(v) for k, v in (config.get("ranks") or {}).items()},
+        parameters=params,
+        bytes={dtype: params * size for dtype, size in DTYPE_BYTES.items()},
+        max_model_len=min(int(config.get("max_position_embeddings", defaults.MAX_MODEL_LEN)), defaults.MAX_MODEL_LEN),
+        files={
+            f.name: FileRecord(sha256=sha256_file(f), size=f.stat().st_size, mtime_ns=f.stat().st_mtime_ns)
+            for f in files
+        },
+        provenance=provenance,
+    )
+
+
+def verify_member(family_root: Path, record: MemberRecord, mode: Verify = "fast") -> str | None:
+    """Why this member must not be served (missing or changed files), or None when it checks out."""
+    if mode == "none":
+        return None
+    member_dir = Path(family_root) / record.path
+    if not member_dir.is_dir():
+        return f"member folder missing: {member_dir}"
+    for fname, expect in record.files.items():
+        path = member_dir / fname
+        if not path.is_file():
+            return f"weight file missing: {path}"
+        st = path.stat()
+        if st.st_size != expect.size:
+            return f"weight file changed size: {path} ({st.st_size} bytes, registry says {expect.size})"
+        if mode == "full" or st.st_mtime_ns != expect.mtime_ns:
+            if sha256_file(path) != expect.sha256:
+                return f"checksum mismatch: {path}"
+    return None
+
+
+# --- family.json ---------------------------------------------------------------------------------
+
+
+def registry_path(family_root: Path) -> Path:
+    return Path(family_root) / defaults.REGISTRY_FILE
+
+
+def save_registry(family_root: Path, registry: FamilyRegistry) -> None:
+    registry.updated_at = now_iso()
+    atomic_write_text(registry_path(family_root), registry.model_dump_json(indent=2) + "\n")
+
+
+def read_registry(family_root: Path) -> FamilyRegistry:
+    path = registry_path(family_root)
+    if not path.is_file():
+        raise FamilyError(f"no registry at {path} (build a family with `family build` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FamilyError(f"registry {path} is not valid JSON: {exc}") from exc
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise FamilyError(f"registry {path} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
+    try:
+        return FamilyRegistry.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FamilyError(f"registry {path} is invalid at {where}: {first['msg']}") from exc
+
+
+def load_family(family_root: Path, verify: Verify = "fast") -> Family:
+    """Read family.json and verify every member; failing members are listed in `problems`."""
+    registry = read_registry(family_root)
+    problems = {}
+    for m in registry.members:
+        why = verify_member(family_root, m, verify)
+        if why:
+            problems[m.name] = why
+    return Family(Path(family_root), registry, problems)
+
+
+def parent_name(family_name: str) -> str:
+    """The parent is served as a member too, named like one that keeps 100% of the parameters."""
+    return f"{family_name}-p100"
+
+
+def member_name(family_name: str, fraction: float) -> str:
+    """Member names say the share of the parent's parameters they keep: smollm2-135m-p80."""
+    return f"{family_name}-p{round(fraction * 100):d}"
+
+
+def sync_family(family_root: Path, *, parent_dir: Path, family_name: str | None = None) -> FamilyRegistry:
+    """Create or update family.json from what is on disk: the parent and every member folder.
+
+    A member folder is a subfolder of `family_root` holding config.json and provenance.json. Records of
+    members already registered keep their accuracy and latency measurements when their weights are
+    unchanged (same checksums); a rebuilt member starts with no measurements.
+    """
+    family_root = Path(family_root)
+    parent_dir = Path(parent_dir)
+    if not (parent_dir / "config.json").is_file():
+        raise FamilyError(f"parent folder has no config.json: {parent_dir}")
+    try:
+        registry = read_registry(family_root)
+    except FamilyError:
+        if registry_path(family_root).exists():
+            raise
+        name = family_name or defaults.FAMILY_NAME
+        registry = FamilyRegistry(name=name, parent=parent_name(name))
+    found = [(parent_name(registry.name), parent_dir, True)]
+    for sub in sorted(family_root.iterdir()):
+        if sub.is_dir() and (sub / "config.json").is_file() and (sub / "provenance.json").is_file():
+            found.append((sub.name, sub, False))
+    registry.parent = parent_name(registry.name)
+    for name, path, is_parent in found:
+        fresh = describe_member(family_root, path, name=name, is_parent=is_parent)
+        if name in registry.names():
+            old = registry.member(name)
+            if {k: f.sha256 for k, f in old.files.items()} == {k: f.sha256 for k, f in fresh.files.items()}:
+                fresh.accuracy, fresh.latency = old.accuracy, old.latency
+        registry.upsert(fresh)
+    save_registry(family_root, registry)
+    return registry
