@@ -290,6 +290,8 @@ def sync_family(family_root: Path, *, parent_dir: Path, family_name: str | None 
         registry = FamilyRegistry(name=name, parent=parent_name(name))
     found = [(parent_name(registry.name), parent_dir, True)]
     for sub in sorted(family_root.iterdir()):
+        if sub.resolve() == parent_dir.resolve():
+            continue
         if sub.is_dir() and (sub / "config.json").is_file() and (sub / "provenance.json").is_file():
             found.append((sub.name, sub, False))
     registry.parent = parent_name(registry.name)

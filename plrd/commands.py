@@ -1,4 +1,7 @@
-"""`family fetch-base`, `family build`, `family trawl`: the offline PLRD and TRAWL commands."""
+"""`family fetch-base`, `family build`, `family trawl`: the offline PLRD and TRAWL commands.
+
+Heavy imports (torch, transformers) happen inside the commands so that `family --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -21,5 +24,53 @@ def fetch_base(
     typer.echo(f"parent ready: {path}")
 
 
+def build(
+    parent: str = typer.Option(str(defaults.DEFAULT_PARENT_DIR), help="parent: HF model folder, .gguf file or hub id"),
+    targets: str = typer.Option("0.9,0.8,0.7", help="fractions of the parent's parameters, strictly decreasing"),
+    calib: str = typer.Option(str(defaults.CALIB_TEXT), help="calibration/healing text: file, file.jsonl[:field] or hf:name"),
+    heal_tokens: int = typer.Option(0, help="healing token budget per member (0 = no healing)"),
+    out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
+    name: str = typer.Option(defaults.FAMILY_NAME, help="family name; members are NAME-p90, NAME-p80, ..."),
+    method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
+    allocation: str = typer.Option("allocated", help="allocated (rank where truncation costs most) or uniform"),
+    calib_sequences: int = typer.Option(64, help="calibration sequences"),
+    calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
+    seq_len: int = typer.Option(256, help="healing sequence length"),
+    batch_size: int = typer.Option(4, help="healing micro-batch (sequences)"),
+    grad_accum: int = typer.Option(2, help="gradient accumulation steps"),
+    lr: float = typer.Option(3e-4, help="peak learning rate (AdamW, warm-up then cosine)"),
+    train: str = typer.Option("factors", help="factors (only the low-rank factors) or all"),
+    distill_weight: float = typer.Option(0.0, help="weight of KL to the parent's logits (0 = LM loss only)"),
+    temperature: float = typer.Option(2.0, help="distillation temperature"),
+    bf16: bool = typer.Option(True, help="bf16 autocast while healing"),
+    seed: int = typer.Option(defaults.SEED),
+) -> None:
+    """Build a family: factorize → heal → save, each member cut from the previous one. Resumable."""
+    from family.errors import FamilyError
+    from plrd.build import BuildConfig, build_family, parse_targets
+    from plrd.heal import HealConfig
+
+    if method not in ("whitened", "plain"):
+        raise FamilyError(f"--method must be whitened or plain, got {method!r}")
+    if allocation not in ("allocated", "uniform"):
+        raise FamilyError(f"--allocation must be allocated or uniform, got {allocation!r}")
+    if train not in ("factors", "all"):
+        raise FamilyError(f"--train must be factors or all, got {train!r}")
+    if heal_tokens < 0 or not 0.0 <= distill_weight <= 1.0 or min(calib_sequences, calib_seq_len, seq_len, batch_size, grad_accum) < 1:
+        raise FamilyError("--heal-tokens must be ≥ 0, --distill-weight in [0, 1], sizes ≥ 1")
+    heal_cfg = HealConfig(
+        tokens=heal_tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, train=train,
+        distill_weight=distill_weight, temperature=temperature, bf16=bf16, seed=seed,
+    )
+    cfg = BuildConfig(
+        parent=Path(parent) if Path(parent).exists() else parent, targets=parse_targets(targets), calib=calib, out=out,
+        name=name, heal=heal_cfg, method=method, allocation=allocation, calib_sequences=calib_sequences,
+        calib_seq_len=calib_seq_len, seed=seed,
+    )
+    for path in build_family(cfg):
+        typer.echo(f"member ready: {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("fetch-base")(fetch_base)
+    app.command("build")(build)
