@@ -71,6 +71,54 @@ def build(
         typer.echo(f"member ready: {path}")
 
 
+def trawl(
+    model: str = typer.Option(..., help="dense model folder (the parent, or a member without factored projections)"),
+    out: Path = typer.Option(..., help="folder to write the result to"),
+    decomposition: str = typer.Option("tucker", help="tucker or cp"),
+    rank: str = typer.Option("64", help="CP: R; Tucker: r (for both matrix modes) or r0,r1,r2"),
+    strategy: str = typer.Option("cross-layer", help="layer (stack within a layer) or cross-layer (one projection over layers)"),
+    modules: str = typer.Option("mlp", help="mlp, attn, or projection names (gate_proj,up_proj,...)"),
+    layers: str = typer.Option("last:4", help="all, last:K, first:K, A-B or a list"),
+    mode: str = typer.Option("denoise", help="denoise (write back dense weights) or compress (keep factors)"),
+    seed: int = typer.Option(defaults.SEED),
+) -> None:
+    """TRAWL: CP/Tucker decomposition of stacked weight matrices, to denoise or compress a model."""
+    import json
+    import shlex
+    import sys
+
+    from family.errors import FamilyError
+    from family.registry import now_iso
+    from family.storage import atomic_dir, atomic_write_text
+    from plrd.factorize import count_parameters
+    from plrd.parent import load_parent
+    from plrd.trawl import TrawlConfig, parse_layers, parse_modules, parse_rank
+    from plrd.trawl import trawl as run_trawl
+
+    if decomposition not in ("cp", "tucker") or strategy not in ("layer", "cross-layer") or mode not in ("denoise", "compress"):
+        raise FamilyError("--decomposition is cp|tucker, --strategy layer|cross-layer, --mode denoise|compress")
+    source, tokenizer = load_parent(model)
+    cfg = TrawlConfig(
+        decomposition=decomposition, rank=parse_rank(rank), strategy=strategy, modules=parse_modules(modules),
+        layers=parse_layers(layers, source.config.num_hidden_layers), mode=mode, seed=seed,
+    )
+    before = count_parameters(source)
+    result, report = run_trawl(source, cfg)
+    with atomic_dir(out) as staging:
+        result.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        provenance = {
+            "method": f"trawl-{decomposition}-{mode}", "derived_from": Path(model).name, "strategy": strategy,
+            "rank": list(cfg.rank), "modules": list(cfg.modules), "layers": list(cfg.layers),
+            "parameters": count_parameters(result), "source_parameters": before,
+            "relative_error": report, "seed": seed, "created_at": now_iso(),
+            "command": shlex.join(["family", *sys.argv[1:]]),
+        }
+        atomic_write_text(staging / "provenance.json", json.dumps(provenance, indent=2) + "\n")
+    typer.echo(f"{mode.rstrip('e')}ed {len(report)} stacks → {out} ({provenance['parameters'] / before:.3f} of the input's parameters)")
+
+
 def register(app: typer.Typer) -> None:
     app.command("fetch-base")(fetch_base)
     app.command("build")(build)
+    app.command("trawl")(trawl)

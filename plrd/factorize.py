@@ -179,42 +179,52 @@ def projection_budget(model: nn.Module, target_fraction: float, parent_parameter
     return budget
 
 
-def build_lowrank(
-    model: nn.Module, specs: list[Spectrum], ranks: dict[str, int], factor_all: bool = False
+def assemble(
+    model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dense: dict[str, torch.Tensor] | None = None
 ) -> LowRankLlamaForCausalLM:
-    """A new LowRankLlamaForCausalLM: `model`'s other weights, each projection cut at its rank, or
-    dense where that is cheaper (unless `factor_all`)."""
-    by_path = {s.path: s for s in specs}
-    factored = {p: r for p, r in ranks.items() if factor_all or not by_path[p].is_dense_at(r)}
-    config = lowrank_config_from(model.config, factored)
+    """A LowRankLlamaForCausalLM with `model`'s weights, except: each path in `factors` becomes the
+    pair (B, A), and each path in `dense` gets that dense weight. Biases are kept."""
+    dense = dense or {}
+    config = lowrank_config_from(model.config, {p: B.shape[1] for p, (B, _) in factors.items()})
     dtype = next(model.parameters()).dtype
     member = LowRankLlamaForCausalLM(config).to(dtype)
-    state = {}
-    projection_prefixes = tuple(p + "." for p in ranks)
-    for name, tensor in model.state_dict().items():
-        if not name.startswith(projection_prefixes):
-            state[name] = tensor
-    for path, spec in by_path.items():
-        if path in factored:
-            B, A = spec.factors(factored[path])
-            state[f"{path}.A.weight"] = A.to(dtype).contiguous()
-            state[f"{path}.B.weight"] = B.to(dtype).contiguous()
-            if spec.bias is not None:
-                state[f"{path}.B.bias"] = spec.bias.to(dtype)
+    changed = tuple(p + "." for p in (*factors, *dense))
+    state = {n: t for n, t in model.state_dict().items() if not n.startswith(changed)}
+    for path in (*factors, *dense):
+        old = model.get_submodule(path)
+        bias = old.B.bias if isinstance(old, LowRankLinear) else old.bias
+        if path in factors:
+            B, A = factors[path]
+            state[f"{path}.A.weight"], state[f"{path}.B.weight"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+            if bias is not None:
+                state[f"{path}.B.bias"] = bias.detach()
         else:
-            B, A = spec.factors(spec.full_rank)
-            state[f"{path}.weight"] = (B @ A).to(dtype).contiguous()
-            if spec.bias is not None:
-                state[f"{path}.bias"] = spec.bias.to(dtype)
+            state[f"{path}.weight"] = dense[path].to(dtype).contiguous()
+            if bias is not None:
+                state[f"{path}.bias"] = bias.detach()
     result = member.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and member.config.tie_word_embeddings)]
     if missing or result.unexpected_keys:
-        raise FamilyError(f"internal: factorized member weights do not line up: {(missing + result.unexpected_keys)[:3]}")
+        raise FamilyError(f"internal: member weights do not line up: {(missing + result.unexpected_keys)[:3]}")
     if member.config.tie_word_embeddings:
         member.tie_weights()
     member.generation_config = model.generation_config
-    member.eval()
-    return member
+    return member.eval()
+
+
+def build_lowrank(
+    model: nn.Module, specs: list[Spectrum], ranks: dict[str, int], factor_all: bool = False
+) -> LowRankLlamaForCausalLM:
+    """Each projection cut at its rank, or dense where that is cheaper (unless `factor_all`)."""
+    factors, dense = {}, {}
+    for spec in specs:
+        rank = ranks[spec.path]
+        if factor_all or not spec.is_dense_at(rank):
+            factors[spec.path] = spec.factors(rank)
+        else:
+            B, A = spec.factors(spec.full_rank)
+            dense[spec.path] = B @ A
+    return assemble(model, factors, dense)
 
 
 def factorize(

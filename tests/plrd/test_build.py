@@ -1,0 +1,119 @@
+"""`family build`: members on disk that transformers loads alone, registered, resumable, with clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import plrd.build
+from family import defaults
+from family.errors import FamilyError
+from family.registry import load_family
+from plrd.build import BuildConfig, build_family
+from plrd.heal import HealConfig
+
+
+def _config(parent, out, targets=(0.8, 0.6), heal_tokens=2048):
+    return BuildConfig(
+        parent=parent, targets=list(targets), calib=str(defaults.CALIB_TEXT), out=out, name="tiny",
+        heal=HealConfig(tokens=heal_tokens, seq_len=64, batch_size=2, grad_accum=1), calib_sequences=8,
+        calib_seq_len=128, command="test",
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tiny_parent_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("family")
+    return out, build_family(_config(tiny_parent_dir, out), progress=False)
+
+
+def test_build_writes_registered_members_that_transformers_loads_alone(built):
+    out, members = built
+    assert [m.name for m in members] == ["tiny-p80", "tiny-p60"]
+    family = load_family(out, verify="full")
+    assert family.problems == {}
+    assert family.registry.names() == ["tiny-p100", "tiny-p80", "tiny-p60"]
+    p80 = family.registry.member("tiny-p80")
+    assert p80.derived_from == "tiny-p100" and family.registry.member("tiny-p60").derived_from == "tiny-p80"
+    parent = family.registry.member("tiny-p100")
+    assert abs(p80.parameters / parent.parameters - 0.8) <= 0.008
+
+    # A fresh interpreter with only transformers + the package import: load and generate.
+    code = (
+        "import family, sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(members[1])!r}); t = AutoTokenizer.from_pretrained({str(members[1])!r});"
+        "ids = t('The tower is', return_tensors='pt'); out = m.generate(**ids, max_new_tokens=5, do_sample=False);"
+        "print(type(m).__name__, out.shape[1] - ids['input_ids'].shape[1])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["LowRankLlamaForCausalLM", "5"]
+
+
+def test_provenance_records_how_each_member_was_made(built):
+    _, members = built
+    prov = json.loads((members[0] / "provenance.json").read_text())
+    assert prov["method"] == "plrd-whitened-svd" and prov["target"] == 0.8
+    assert prov["calibration"]["sha256"] and prov["healing"]["tokens"] >= 2048
+    assert prov["derived_from"] == "tiny-p100"
+
+
+def test_an_interrupted_build_resumes_without_redoing_finished_members(tiny_parent_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_heal = plrd.build.heal
+
+    def heal_that_crashes_on_the_second_member(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_heal(*args, **kwargs)
+
+    monkeypatch.setattr(plrd.build, "heal", heal_that_crashes_on_the_second_member)
+    with pytest.raises(KeyboardInterrupt):
+        build_family(_config(tiny_parent_dir, tmp_path), progress=False)
+    first = tmp_path / "tiny-p80"
+    assert (first / "provenance.json").is_file()
+    assert not (tmp_path / "tiny-p60").exists()
+    assert not list(tmp_path.glob(".tiny-p60*"))  # no half-written member left behind
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(plrd.build, "heal", real_heal)
+    build_family(_config(tiny_parent_dir, tmp_path), progress=False)
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "tiny-p60" / "provenance.json").is_file()
+
+
+def _family(*args):
+    return subprocess.run([sys.executable, "-m", "family.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--parent", "/no/such/model"], "parent not found"),
+        (["--targets", "0.8,0.9"], "strictly decreasing"),
+        (["--targets", "0.8,abc"], "comma-separated fractions"),
+        (["--targets", "1.2"], "out of range"),
+        (["--calib", "/no/such.txt"], "data file not found"),
+        (["--method", "qr"], "--method"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_a_nonzero_exit(tiny_parent_dir, tmp_path, args, words):
+    base = {"--parent": str(tiny_parent_dir), "--out": str(tmp_path / "f"), "--targets": "0.8"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    done = _family("build", *[x for kv in base.items() for x in kv])
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and words in lines[-1]
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unsupported_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(FamilyError, match="not supported"):
+        build_family(_config(tmp_path / "gpt2", tmp_path / "out"), progress=False)
