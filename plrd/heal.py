@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -86,6 +87,9 @@ def heal(
         return HealResult(0, 0, 0.0, float("nan"), float("nan"))
     if cfg.distill_weight > 0 and teacher is None:
         raise FamilyError("distillation asked for, but no teacher model given")
+    # One process may heal several members with different settings; keep the distributed state
+    # (PartialState), forget the previous run's mixed-precision choice.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision="bf16" if cfg.bf16 else "no",
         gradient_accumulation_steps=cfg.grad_accum,
