@@ -1,13 +1,16 @@
-"""Accuracy of a member on held-out text: perplexity, and agreement with the parent.
+"""Accuracy of members on held-out text: perplexity, and agreement with the parent.
 
 Windows are non-overlapping runs of `seq_len` tokens from the start of the text (the reference figure
 in DESIGN.md, 25.6 for SmolLM2-135M on WikiText-2 test, is over the first 40 windows of 512).
+Agreement is measured window by window with the parent's logits computed once per window and shared
+by every member, so evaluating a whole family costs one parent pass, not one per member.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +28,52 @@ def perplexity(
     batch_size: int = 4, progress: bool = True,
 ) -> float:
     """exp(mean next-token cross-entropy) over the first `max_windows` windows of `ids`."""
+    return evaluate({"model": model}, None, ids, seq_len, max_windows, batch_size, progress)["model"].perplexity
+
+
+@dataclass
+class Scores:
+    perplexity: float
+    top1_agreement: float | None  # share of positions where the member's argmax equals the parent's
+    mean_kl: float | None  # mean KL(parent ‖ member) per token, nats
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate(
+    members: dict[str, torch.nn.Module], parent: torch.nn.Module | None, ids: torch.Tensor, seq_len: int = 512,
+    max_windows: int | None = 40, batch_size: int = 4, progress: bool = True,
+) -> dict[str, Scores]:
+    """Perplexity of each member, and its agreement with `parent` (when given), on the same windows."""
     rows = windows(ids, seq_len, max_windows)
-    total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc="perplexity", disable=not progress)
+    nll = {n: 0.0 for n in members}
+    agree = {n: 0 for n in members}
+    kl = {n: 0.0 for n in members}
+    count = 0
+    bar = tqdm(total=rows.numel() * len(members), unit="tok", unit_scale=True, desc="eval", disable=not progress)
     start = time.perf_counter()
     for b in range(0, len(rows), batch_size):
         batch = rows[b : b + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-        bar.update(batch.numel())
-        bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+        targets = batch[:, 1:].reshape(-1)
+        ref = None
+        if parent is not None:
+            ref = F.log_softmax(parent(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1).reshape(len(targets), -1)
+        for name, model in members.items():
+            logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1).reshape(len(targets), -1)
+            nll[name] += F.nll_loss(logp, targets, reduction="sum").item()
+            if ref is not None:
+                agree[name] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+                kl[name] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
+            bar.update(batch.numel())
+            bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+        count += len(targets)
     bar.close()
-    return math.exp(total_nll / total_tokens)
+    return {
+        n: Scores(
+            perplexity=math.exp(nll[n] / count),
+            top1_agreement=agree[n] / count if parent is not None else None,
+            mean_kl=kl[n] / count if parent is not None else None,
+            tokens=count,
+        )
+        for n in members
+    }

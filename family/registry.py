@@ -99,6 +99,19 @@ class MemberRecord(_Model):
         found = [r for r in self.accuracy if r.metric == metric]
         return found[-1].value if found else None
 
+    @property
+    def quality(self) -> float | None:
+        """The routing accuracy score in [0, 1]: top-1 next-token agreement with the parent on held-out
+        text (the parent is 1.0 by definition). None until `family eval` has measured it."""
+        return 1.0 if self.is_parent else self.metric("top1_agreement")
+
+    def memory_bytes(self, device_class: str | None = None, dtype: str = "float32") -> int:
+        """Peak memory measured while serving on `device_class`, else the weights' bytes at `dtype`."""
+        profile = self.latency.get(device_class) if device_class else None
+        if profile is not None and profile.peak_memory_bytes:
+            return profile.peak_memory_bytes
+        return self.bytes.get(dtype, self.bytes["float32"])
+
 
 class FamilyRegistry(_Model):
     schema_version: int = SCHEMA_VERSION

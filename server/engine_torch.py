@@ -38,6 +38,7 @@ class GenRequest:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
     # Filled by the engine:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None  # ("text", str) … then ("done", finish_reason) or ("error", msg)
@@ -208,7 +209,7 @@ class TorchEngine:
         if r.cancelled:
             r.finish_reason = "cancelled"
             return False
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not r.ignore_eos:
             self._finish(r, "stop")
             return False
         r.output_ids.append(tok)

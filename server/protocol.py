@@ -56,6 +56,7 @@ class SamplingParams(_Lenient):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (profiling, load tests)
     budget: Budget | None = None
 
     @field_validator("stop")

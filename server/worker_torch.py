@@ -118,6 +118,7 @@ def create_app(
             prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.resolved_temperature(),
             top_p=body.resolved_top_p(), stop=body.stop_list(), seed=body.seed,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            ignore_eos=body.ignore_eos,
         )
         try:
             engine.submit(req)

@@ -1,0 +1,161 @@
+"""Latency profiles: each member measured through the engine that serves it, on this hardware.
+
+A profile starts `family worker` for the member as a separate process, waits for /health, and sends
+streaming completions over HTTP at several concurrencies and prompt lengths, timing the first token
+(TTFT), the gaps between tokens (TPOT) and the whole request; peak memory is the worker process
+tree's largest resident set. family/ never imports server/: it speaks the worker protocol only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from tqdm import tqdm
+
+from family.errors import FamilyError
+from family.registry import LatencySample
+
+
+@dataclass(frozen=True)
+class Shape:
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """`family worker` in a subprocess, with its peak memory sampled in the background."""
+
+    def __init__(self, member_dir: Path, name: str, engine: str, *, dtype: str = "float32", log: Path | None = None,
+                 ready_timeout: float = 600.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
+               "--engine", engine, "--port", str(self.port), "--dtype", dtype]
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample_memory, daemon=True).start()
+        self._wait_ready(ready_timeout)
+
+    def _sample_memory(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.proc.pid)
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                self.peak_rss = max(self.peak_rss, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FamilyError(f"worker exited with code {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise FamilyError(f"worker not ready after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def prompt_of(tokenizer, text_ids: list[int], n: int, offset: int = 0) -> str:
+    return tokenizer.decode(text_ids[offset : offset + n])
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, output_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    stamps, usage = [], None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise FamilyError(f"worker answered {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    if not stamps or usage is None:
+        raise FamilyError("worker streamed no tokens or no usage")
+    n = usage["completion_tokens"]
+    return {
+        "ttft": stamps[0] - start, "e2e": end - start, "tokens": n, "prompt_tokens": usage["prompt_tokens"],
+        "tpot": (end - stamps[0]) / max(1, n - 1),
+    }
+
+
+async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, rounds: int) -> LatencySample:
+    """`rounds` bursts of `concurrency` simultaneous requests of this shape; means over all requests."""
+    results, walls = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(rounds):
+            start = time.perf_counter()
+            batch = [_one(client, url, model, prompts[(r * shape.concurrency + i) % len(prompts)], shape.output_tokens)
+                     for i in range(shape.concurrency)]
+            results += await asyncio.gather(*batch)
+            walls.append(time.perf_counter() - start)
+    total_tokens = sum(x["tokens"] for x in results)
+    return LatencySample(
+        prompt_tokens=round(statistics.mean(x["prompt_tokens"] for x in results)),
+        output_tokens=shape.output_tokens,
+        concurrency=shape.concurrency,
+        ttft_s=statistics.mean(x["ttft"] for x in results),
+        tpot_s=statistics.mean(x["tpot"] for x in results),
+        e2e_s=statistics.mean(x["e2e"] for x in results),
+        throughput_tok_s=total_tokens / sum(walls),
+    )
+
+
+def profile_worker(url: str, model: str, tokenizer, text_ids: list[int], shapes: list[Shape], rounds: int = 2,
+                   progress: bool = True) -> list[LatencySample]:
+    """Measure every shape against a running worker (warm-up request first)."""
+    samples = []
+    asyncio.run(measure_shape(url, model, [prompt_of(tokenizer, text_ids, 16)], Shape(16, 4, 1), 1))  # warm-up
+    bar = tqdm(shapes, desc=f"profile {model}", unit="shape", disable=not progress)
+    for shape in bar:
+        prompts = [prompt_of(tokenizer, text_ids, shape.prompt_tokens, offset=997 * i) for i in range(shape.concurrency * rounds)]
+        sample = asyncio.run(measure_shape(url, model, prompts, shape, rounds))
+        bar.set_postfix(p=shape.prompt_tokens, c=shape.concurrency, ttft_ms=f"{sample.ttft_s * 1e3:.0f}", tok_s=f"{sample.throughput_tok_s:.0f}")
+        samples.append(sample)
+    return samples
