@@ -44,7 +44,8 @@ class WorkerProcess:
     """`family worker` in a subprocess, with its peak memory sampled in the background."""
 
     def __init__(self, member_dir: Path, name: str, engine: str, *, dtype: str = "float32", log: Path | None = None,
-                 ready_timeout: float = 600.0):
+                 ready_timeout: float | None = 600.0):
+        """Start the worker; wait until it is ready unless `ready_timeout` is None (then call wait_ready)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
@@ -54,7 +55,8 @@ class WorkerProcess:
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample_memory, daemon=True).start()
-        self._wait_ready(ready_timeout)
+        if ready_timeout is not None:
+            self.wait_ready(ready_timeout)
 
     def _sample_memory(self) -> None:
         while not self._stop.is_set():
@@ -66,7 +68,7 @@ class WorkerProcess:
                 pass
             time.sleep(0.2)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -62,5 +62,50 @@ def worker(
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
 
 
+def serve(
+    family_dir: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, "--family", help="family folder (holds family.json)"),
+    fleet: Path = typer.Option(None, help="fleet.yaml listing remote workers; without it, workers start here"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(defaults.GATEWAY_PORT),
+    engine: str = typer.Option("torch", help="engine for local workers: torch or vllm"),
+    device_class: str = typer.Option("cpu-2core", help="device class of local workers (selects their latency profiles)"),
+    api_keys: Path = typer.Option(None, help="keys.yaml: bearer keys with per-key budgets and rate limits"),
+    static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
+    health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
+) -> None:
+    """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget."""
+    import uvicorn
+
+    from family.errors import FamilyError
+    from family.registry import load_family
+    from server.auth import Auth
+    from server.fleet import LocalWorkers, load_fleet
+    from server.gateway import create_app
+
+    fam = load_family(family_dir)
+    for name, why in fam.problems.items():
+        typer.echo(f"refusing member {name}: {why}", err=True)
+    if not fam.servable:
+        raise FamilyError(f"no servable member in {family_dir}")
+    if engine not in ("torch", "vllm"):
+        raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
+    auth = Auth.from_file(api_keys)
+    local = None
+    if fleet is not None:
+        specs = load_fleet(fleet, fam)
+    else:
+        typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
+        local = LocalWorkers(fam, engine, device_class)
+        specs = local.specs
+    app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval)
+    typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if local is not None:
+            local.close()
+
+
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
+    app.command("serve")(serve)

@@ -1,0 +1,23 @@
+"""The gateway's Prometheus metrics (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("family_requests", "Requests by member, worker and outcome", ["member", "worker", "outcome"], registry=r)
+        self.ttft = Histogram("family_time_to_first_token_seconds", "Time to first token seen by the gateway", ["member"], buckets=BUCKETS, registry=r)
+        self.itl = Histogram("family_inter_token_latency_seconds", "Gap between streamed chunks", ["member"], buckets=BUCKETS, registry=r)
+        self.e2e = Histogram("family_e2e_request_latency_seconds", "Request latency seen by the gateway", ["member"], buckets=BUCKETS, registry=r)
+        self.budget_misses = Counter("family_budget_misses", "Finished requests that exceeded their own budget", ["member", "constraint"], registry=r)
+        self.routing = Counter("family_routing_decisions", "Routing decisions by member and reason", ["member", "reason"], registry=r)
+        self.rejections = Counter("family_budget_rejections", "Requests no member could serve within budget", ["constraint"], registry=r)
+        self.retries = Counter("family_retries", "Upstream attempts retried on another worker", ["worker", "reason"], registry=r)
+        self.fallbacks = Counter("family_fallbacks", "Requests served by a member other than the first choice", ["from_member", "to_member"], registry=r)
+        self.worker_up = Gauge("family_worker_healthy", "1 if the worker passes health checks", ["worker", "member"], registry=r)
+        self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker", ["worker"], registry=r)

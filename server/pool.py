@@ -1,0 +1,124 @@
+"""The upstream pool: every worker's health, load and observed speed, kept current in the background.
+
+Health: GET /health every `interval` seconds; a failure (or a connection error / 5xx on a real
+request) puts the worker in cooldown, doubling up to `max_cooldown`; it returns to rotation when a
+health check passes after the cooldown. Load: running and waiting requests read from the worker's
+/metrics (vLLM's names, which both engines expose), plus the gateway's own in-flight count. Speed:
+an EWMA of observed/predicted time to first token and time per token, which corrects the registry's
+latency model for what this worker is doing right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from server.fleet import WorkerSpec
+from server.metrics import GatewayMetrics
+
+_GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{[^}]*\}\s+([0-9.eE+-]+)', re.M)
+EWMA = 0.3
+
+
+@dataclass
+class WorkerState:
+    spec: WorkerSpec
+    healthy: bool = False
+    cooldown_until: float = 0.0
+    failures: int = 0
+    running: float = 0.0
+    waiting: float = 0.0
+    in_flight: int = 0
+    ttft_ratio: float = 1.0  # observed / predicted
+    tpot_ratio: float = 1.0
+    last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.base
+
+    def available(self, now: float | None = None) -> bool:
+        return self.healthy and (now or time.monotonic()) >= self.cooldown_until
+
+    def load(self) -> float:
+        """Requests this worker is busy with: its own count, or ours when its /metrics lag behind."""
+        return max(self.running + self.waiting, float(self.in_flight))
+
+    def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None) -> None:
+        if predicted_ttft and ttft is not None:
+            self.ttft_ratio = _clamp((1 - EWMA) * self.ttft_ratio + EWMA * ttft / predicted_ttft)
+        if predicted_tpot and tpot is not None:
+            self.tpot_ratio = _clamp((1 - EWMA) * self.tpot_ratio + EWMA * tpot / predicted_tpot)
+
+    def public(self) -> dict:
+        return {
+            "url": self.name, "member": self.spec.member, "device_class": self.spec.device_class,
+            "healthy": self.healthy, "in_cooldown": time.monotonic() < self.cooldown_until, "running": self.running,
+            "waiting": self.waiting, "in_flight": self.in_flight, "ttft_ratio": round(self.ttft_ratio, 3),
+            "tpot_ratio": round(self.tpot_ratio, 3), "last_error": self.last_error,
+        }
+
+
+def _clamp(x: float) -> float:
+    return min(10.0, max(0.1, x))
+
+
+class Pool:
+    def __init__(self, specs: list[WorkerSpec], client: httpx.AsyncClient, metrics: GatewayMetrics,
+                 interval: float = 2.0, base_cooldown: float = 2.0, max_cooldown: float = 60.0):
+        self.workers = [WorkerState(s) for s in specs]
+        self.client = client
+        self.metrics = metrics
+        self.interval, self.base_cooldown, self.max_cooldown = interval, base_cooldown, max_cooldown
+        self._task: asyncio.Task | None = None
+
+    def for_member(self, member: str) -> list[WorkerState]:
+        return [w for w in self.workers if w.spec.member == member]
+
+    def headers(self, w: WorkerState) -> dict[str, str]:
+        return {"Authorization": f"Bearer {w.spec.api_key}"} if w.spec.api_key else {}
+
+    def fail(self, w: WorkerState, reason: str) -> None:
+        """A failed request or check: out of rotation for a growing cooldown."""
+        w.failures += 1
+        w.last_error = reason
+        w.cooldown_until = time.monotonic() + min(self.max_cooldown, self.base_cooldown * 2 ** (w.failures - 1))
+        self.metrics.worker_up.labels(w.name, w.spec.member).set(0)
+
+    async def check(self, w: WorkerState) -> None:
+        try:
+            r = await self.client.get(f"{w.name}/health", headers=self.headers(w), timeout=2.0)
+            if r.status_code != 200:
+                raise httpx.HTTPStatusError(f"health {r.status_code}", request=r.request, response=r)
+            m = await self.client.get(f"{w.name}/metrics", headers=self.headers(w), timeout=2.0)
+            if m.status_code == 200:
+                values = {k: float(v) for k, v in _GAUGE.findall(m.text)}
+                w.running = values.get("vllm:num_requests_running", 0.0)
+                w.waiting = values.get("vllm:num_requests_waiting", 0.0)
+        except (httpx.HTTPError, ValueError) as exc:
+            w.healthy = False
+            self.fail(w, f"health check failed: {type(exc).__name__}")
+            return
+        if time.monotonic() >= w.cooldown_until:
+            w.healthy, w.failures, w.last_error = True, 0, None
+            self.metrics.worker_up.labels(w.name, w.spec.member).set(1)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(w) for w in self.workers))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.check_all()
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()

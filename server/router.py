@@ -1,0 +1,156 @@
+"""Budget routing: the most accurate member that fits the caller's budget, on the worker that serves
+it soonest.
+
+For each member: memory (measured peak on the worker's device class, else weight bytes), context
+length (prompt + max_tokens ≤ max_model_len) and the accuracy floor (quality = top-1 agreement with
+the parent) are static checks. For each of its available workers, latency is predicted from the
+registry's latency model for that device class, at the worker's current load, and scaled by what
+the gateway has observed of that worker (EWMA of observed/predicted). A member with no latency
+profile on a device class fits only budgets without latency limits. Among what fits, the winner is
+the highest quality, then the lower perplexity, then the smaller member; its worker is the one with
+the lowest predicted latency. `live=False` ignores load and observations: the static-table baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from family.latency import LatencyPrediction, predict_latency
+from family.registry import Family, MemberRecord
+from server.errors import APIError
+from server.pool import Pool, WorkerState
+from server.protocol import Budget
+
+
+@dataclass
+class Choice:
+    member: MemberRecord
+    worker: WorkerState
+    predicted: LatencyPrediction | None
+    reason: str  # "pinned", "best", "best_effort"
+
+
+@dataclass
+class Verdict:
+    """Why one member does not fit, and by how much (violation ≥ 0, relative to the limit)."""
+
+    member: str
+    constraint: str
+    detail: str
+    violation: float
+
+
+@dataclass
+class RouteResult:
+    choices: list[Choice] = field(default_factory=list)  # best first
+    refused: list[Verdict] = field(default_factory=list)
+
+
+def _rank_key(m: MemberRecord) -> tuple:
+    ppl = m.metric("perplexity")
+    return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
+
+
+def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_tokens: int, max_tokens: int) -> Verdict | None:
+    need = prompt_tokens + max_tokens
+    if need > m.max_model_len:
+        return Verdict(m.name, "context_length", f"{need} tokens > max_model_len {m.max_model_len}", need / m.max_model_len - 1)
+    if budget.max_memory_gb is not None:
+        gb = m.memory_bytes(w.spec.device_class) / 1e9
+        if gb > budget.max_memory_gb:
+            return Verdict(m.name, "max_memory_gb", f"needs {gb:.2f} GB > {budget.max_memory_gb} GB", gb / budget.max_memory_gb - 1)
+    if budget.min_accuracy is not None:
+        q = m.quality
+        if q is None:
+            return Verdict(m.name, "min_accuracy", "accuracy not measured (run family eval)", 1.0)
+        if q < budget.min_accuracy:
+            return Verdict(m.name, "min_accuracy", f"accuracy {q:.3f} < {budget.min_accuracy}", budget.min_accuracy / max(q, 1e-9) - 1)
+    return None
+
+
+def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool) -> LatencyPrediction | None:
+    concurrency = w.load() + 1 if live else 1
+    base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency)
+    if base is None or not live:
+        return base
+    ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
+    return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
+
+
+def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Budget) -> Verdict | None:
+    limits = [("max_ttft_ms", budget.max_ttft_ms, "ttft_s"), ("max_latency_ms", budget.max_latency_ms, "e2e_s")]
+    for name, limit, attr in limits:
+        if limit is None:
+            continue
+        if pred is None:
+            return Verdict(m.name, name, "latency never profiled on this device class", 1.0)
+        ms = getattr(pred, attr) * 1e3
+        if ms > limit:
+            return Verdict(m.name, name, f"predicted {ms:.0f} ms > {limit:.0f} ms", ms / limit - 1)
+    return None
+
+
+def route(
+    family: Family, pool: Pool, budget: Budget, *, prompt_tokens: int, max_tokens: int, pinned: str | None = None,
+    exclude: set[str] = frozenset(), live: bool = True,
+) -> RouteResult:
+    """Every (member, worker) that fits, best first, and for the rest why not."""
+    members = [family.registry.member(pinned)] if pinned else family.servable
+    result = RouteResult()
+    fits: list[tuple[tuple, float, Choice]] = []
+    for m in sorted(members, key=_rank_key):
+        workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
+        if not workers:
+            result.refused.append(Verdict(m.name, "unavailable", "no healthy worker", float("inf")))
+            continue
+        best_verdict = None
+        for w in workers:
+            verdict = _static_verdict(m, w, budget, prompt_tokens, max_tokens)
+            pred = _predict(m, w, prompt_tokens, max_tokens, live) if verdict is None else None
+            verdict = verdict or _latency_verdict(m, pred, budget)
+            if verdict is None:
+                e2e = pred.e2e_s if pred else float("inf")
+                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best")))
+            elif best_verdict is None or verdict.violation < best_verdict.violation:
+                best_verdict = verdict
+        if best_verdict is not None and not any(c.member.name == m.name for _, _, c in fits):
+            result.refused.append(best_verdict)
+    fits.sort(key=lambda t: (t[0], t[1]))
+    result.choices = [c for _, _, c in fits]
+    return result
+
+
+def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_tokens: int, max_tokens: int,
+                exclude: set[str] = frozenset(), live: bool = True) -> list[Choice]:
+    """When nothing fits and the caller allows it: the members closest to fitting, closest first
+    (never one whose context is too short, which cannot work at all)."""
+    order = sorted((v for v in result.refused if v.constraint not in ("context_length", "unavailable")), key=lambda v: v.violation)
+    out = []
+    for v in order:
+        m = family.registry.member(v.member)
+        workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
+        workers.sort(key=lambda w: w.load())
+        for w in workers:
+            out.append(Choice(m, w, _predict(m, w, prompt_tokens, max_tokens, live), "best_effort"))
+    return out
+
+
+def no_fit_error(result: RouteResult, budget: Budget, pinned: str | None) -> APIError:
+    """422 naming the constraint that failed and the member that came closest."""
+    if not result.refused:
+        return APIError(503, "no worker is available", type="server_error", code="no_workers")
+    if all(v.constraint == "unavailable" for v in result.refused):
+        return APIError(503, f"no healthy worker for {pinned or 'any member'}; retry shortly", type="server_error",
+                        code="no_healthy_worker", headers={"Retry-After": "2"})
+    closest = min((v for v in result.refused if v.constraint != "unavailable"), key=lambda v: v.violation)
+    if closest.constraint == "context_length":
+        return APIError(400, f"prompt too long for {closest.member}: {closest.detail}", param="messages", code="context_length_exceeded")
+    what = f"member {pinned}" if pinned else "no member of the family"
+    return APIError(
+        422,
+        f"{what} fits the budget: {closest.constraint} failed ({closest.detail}); closest member: {closest.member}. "
+        "Relax the budget or set allow_best_effort.",
+        type="budget_error",
+        param=f"budget.{closest.constraint}",
+        code="budget_unsatisfiable",
+    )
