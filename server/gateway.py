@@ -84,13 +84,14 @@ class Gateway:
             text = body.prompt
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def candidates(self, budget: Budget, pinned: str | None, p: int, o: int, tried: set[str], first_attempt: bool) -> list[Choice]:
+    def candidates(self, budget: Budget, pinned: str | None, p: int, o: int, tried: set[str], first_attempt: bool,
+                   prompt_param: str) -> list[Choice]:
         result = route(self.family, self.pool, budget, prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, live=self.live)
         choices = result.choices
         if not choices and budget.allow_best_effort:
             choices = best_effort(self.family, self.pool, result, prompt_tokens=p, max_tokens=o, exclude=tried, live=self.live)
         if not choices and first_attempt:
-            err = no_fit_error(result, budget, pinned)
+            err = no_fit_error(result, budget, pinned, prompt_param)
             self.metrics.rejections.labels(err.param or err.code or "none").inc()
             raise err
         return choices
@@ -104,12 +105,13 @@ class Gateway:
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None) -> Response:
         p, o = self.prompt_tokens(body), body.resolved_max_tokens()
+        prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         payload = body.model_dump(exclude_none=True, exclude={"budget"})
         tried: set[str] = set()
         first_member: str | None = None
         last_429: httpx.Response | None = None
         for attempt in range(MAX_ATTEMPTS):
-            choices = self.candidates(budget, pinned, p, o, tried, attempt == 0)
+            choices = self.candidates(budget, pinned, p, o, tried, attempt == 0, prompt_param)
             if not choices:
                 break
             choice = choices[0]

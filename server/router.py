@@ -135,7 +135,7 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
     return out
 
 
-def no_fit_error(result: RouteResult, budget: Budget, pinned: str | None) -> APIError:
+def no_fit_error(result: RouteResult, budget: Budget, pinned: str | None, prompt_param: str = "messages") -> APIError:
     """422 naming the constraint that failed and the member that came closest."""
     if not result.refused:
         return APIError(503, "no worker is available", type="server_error", code="no_workers")
@@ -144,7 +144,7 @@ def no_fit_error(result: RouteResult, budget: Budget, pinned: str | None) -> API
                         code="no_healthy_worker", headers={"Retry-After": "2"})
     closest = min((v for v in result.refused if v.constraint != "unavailable"), key=lambda v: v.violation)
     if closest.constraint == "context_length":
-        return APIError(400, f"prompt too long for {closest.member}: {closest.detail}", param="messages", code="context_length_exceeded")
+        return APIError(400, f"prompt too long for {closest.member}: {closest.detail}", param=prompt_param, code="context_length_exceeded")
     what = f"member {pinned}" if pinned else "no member of the family"
     return APIError(
         422,

@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from plrd.factorize import count_parameters, factorize
 
 
+RUNNING: dict[str, uvicorn.Server] = {}  # base URL → server, so a test can kill one
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,6 +34,7 @@ def serve(app, port: int | None = None):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+    RUNNING[url] = server
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
@@ -41,6 +45,7 @@ def serve(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        RUNNING.pop(url, None)
 
 
 @pytest.fixture(scope="session")
