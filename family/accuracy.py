@@ -31,6 +31,17 @@ def perplexity(
     return evaluate({"model": model}, None, ids, seq_len, max_windows, batch_size, progress)["model"].perplexity
 
 
+@torch.no_grad()
+def agreement(
+    parent: torch.nn.Module, member: torch.nn.Module, ids: torch.Tensor, seq_len: int = 512, max_windows: int | None = 40,
+    batch_size: int = 4, progress: bool = True,
+) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(parent ‖ member) in nats per token) of `member` with `parent` on the
+    same windows. The parent against itself gives (1.0, 0.0)."""
+    s = evaluate({"member": member}, parent, ids, seq_len, max_windows, batch_size, progress)["member"]
+    return s.top1_agreement, s.mean_kl
+
+
 @dataclass
 class Scores:
     perplexity: float
@@ -46,11 +57,14 @@ def evaluate(
 ) -> dict[str, Scores]:
     """Perplexity of each member, and its agreement with `parent` (when given), on the same windows."""
     rows = windows(ids, seq_len, max_windows)
+    if len(rows) == 0:
+        raise ValueError(f"the text has {len(ids)} tokens: not one window of {seq_len}")
     nll = {n: 0.0 for n in members}
     agree = {n: 0 for n in members}
     kl = {n: 0.0 for n in members}
     count = 0
-    bar = tqdm(total=rows.numel() * len(members), unit="tok", unit_scale=True, desc="eval", disable=not progress)
+    desc = "eval " + ",".join(members) if len(members) <= 2 else f"eval {len(members)} members"
+    bar = tqdm(total=rows.numel() * len(members), unit="tok", unit_scale=True, desc=desc, disable=not progress)
     start = time.perf_counter()
     for b in range(0, len(rows), batch_size):
         batch = rows[b : b + batch_size]
@@ -59,7 +73,10 @@ def evaluate(
         if parent is not None:
             ref = F.log_softmax(parent(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1).reshape(len(targets), -1)
         for name, model in members.items():
-            logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1).reshape(len(targets), -1)
+            if model is parent:  # the parent against itself: reuse its logits, one forward pass
+                logp = ref
+            else:
+                logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1).reshape(len(targets), -1)
             nll[name] += F.nll_loss(logp, targets, reduction="sum").item()
             if ref is not None:
                 agree[name] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import sys
 from pathlib import Path
@@ -54,40 +55,68 @@ def verify(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="
 
 def eval_cmd(
     family_dir: Path = FamilyOpt,
-    member: list[str] = typer.Option(None, help="members to evaluate (default: all)"),
+    member: list[str] = typer.Option(None, help="members to evaluate (default: all servable)"),
     data: str = typer.Option(str(defaults.EVAL_TEXT), help="held-out text: file, file.jsonl[:field] or hf:name"),
-    windows: int = typer.Option(defaults.EVAL_WINDOWS, min=1),
-    seq_len: int = typer.Option(defaults.EVAL_SEQ_LEN, min=8),
+    windows: int = typer.Option(defaults.EVAL_WINDOWS, min=1, help="first N windows of the text"),
+    seq_len: int = typer.Option(defaults.EVAL_SEQ_LEN, min=8, help="tokens per window"),
     batch_size: int = typer.Option(4, min=1),
     lm_eval_tasks: str = typer.Option("", help="comma-separated lm-eval tasks (boolq,winogrande,...) where lm-eval is installed"),
+    skip_measured: bool = typer.Option(False, help="skip members already measured on the same data and windows (resume)"),
 ) -> None:
-    """Held-out perplexity, top-1 agreement and KL against the parent; stored in the registry."""
+    """Held-out perplexity, top-1 agreement and KL against the parent; stored in the registry.
+
+    Members are evaluated one at a time against the parent's logits on the same windows, and the
+    registry is saved after each, so an interrupted run loses nothing already measured.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from family.accuracy import evaluate
+    from family.accuracy import evaluate, windows as windows_of
+    from family.errors import FamilyError
     from family.registry import AccuracyRecord, load_family
     from plrd.data import read_source, tokenize
 
     fam = load_family(family_dir)
     names = _selected(fam, member)
     parent_name = fam.registry.parent
+    if parent_name in fam.problems:
+        raise FamilyError(f"the parent {parent_name!r} is not usable: {fam.problems[parent_name]}")
     source = read_source(data)
+    data_sha256 = source.sha256 or hashlib.sha256(source.text.encode("utf-8")).hexdigest()
     tok = AutoTokenizer.from_pretrained(fam.member_dir(parent_name))
     ids = tokenize(tok, source.text)
-    load = lambda n: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=torch.float32).eval()  # noqa: E731
-    parent = load(parent_name)
-    models = {n: (parent if n == parent_name else load(n)) for n in names}
-    scores = evaluate(models, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)
+    rows = windows_of(ids, seq_len, windows)
+    if len(rows) == 0:
+        raise FamilyError(f"{data}: {len(ids)} tokens, not one window of {seq_len}")
+    tokens = rows.numel() - len(rows)  # predicted positions
+    if len(rows) < windows:
+        typer.echo(f"note: {data} holds only {len(rows)} windows of {seq_len} tokens", err=True)
     cmd = _command()
-    for n, s in scores.items():
-        rec = fam.registry.member(n)
-        common = dict(data=source.spec, data_sha256=source.sha256, tokens=s.tokens, command=cmd)
-        rec.accuracy.append(AccuracyRecord(metric="perplexity", value=s.perplexity, **common))
-        rec.accuracy.append(AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **common))
-        rec.accuracy.append(AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **common))
-        typer.echo(f"{n}: perplexity {s.perplexity:.2f}, top-1 agreement {s.top1_agreement:.3f}, KL {s.mean_kl:.4f}")
-    fam.save()
+
+    def measured(n: str) -> bool:
+        return any(r.metric == "perplexity" and r.data_sha256 == data_sha256 and r.tokens == tokens
+                   for r in fam.registry.member(n).accuracy)
+
+    todo = [n for n in names if not (skip_measured and measured(n))]
+    for n in sorted(set(names) - set(todo)):
+        typer.echo(f"{n}: already measured on {source.spec} ({tokens} tokens), skipped")
+    load = lambda n: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=torch.float32).eval()  # noqa: E731
+    parent = load(parent_name) if todo else None
+    # The parent first (one forward pass per window), then each member against it.
+    for n in sorted(todo, key=lambda n: n != parent_name):
+        model = parent if n == parent_name else load(n)
+        s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
+        common = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
+        # Saved after each member (an interrupted eval loses nothing already measured), merged under a
+        # lock with whatever another eval or profile of this family saved meanwhile.
+        fam.record(n, accuracy=[
+            AccuracyRecord(metric="perplexity", value=s.perplexity, **common),
+            AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **common),
+            AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **common),
+        ])
+        typer.echo(f"{n}: perplexity {s.perplexity:.2f}, top-1 agreement {s.top1_agreement:.3f}, KL {s.mean_kl:.4f} ({s.tokens} tokens)")
+        if model is not parent:
+            del model
     if lm_eval_tasks:
         _lm_eval(fam, names, lm_eval_tasks, cmd)
 
@@ -107,11 +136,13 @@ def _lm_eval(fam, names: list[str], tasks: str, cmd: str) -> None:
         except Exception as exc:  # no network for the task data, unknown task, ...
             typer.echo(f"lm-eval tasks skipped for {n}: {str(exc).splitlines()[0]}", err=True)
             return
+        records = []
         for task, res in out["results"].items():
             acc = res.get("acc,none", res.get("acc"))
             if acc is not None:
-                fam.registry.member(n).accuracy.append(AccuracyRecord(metric=f"lm_eval:{task}", value=acc, data=task, command=cmd))
-        fam.save()
+                records.append(AccuracyRecord(metric=f"lm_eval:{task}", value=acc, data=task, command=cmd))
+        fam.record(n, accuracy=records)
+        typer.echo(f"{n}: " + ", ".join(f"{r.metric} {r.value:.3f}" for r in records))
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -130,14 +161,20 @@ def profile(
     family_dir: Path = FamilyOpt,
     device_class: str = typer.Option(..., help="name of this hardware class, e.g. cpu-2core or h100"),
     engine: str = typer.Option("torch", help="torch or vllm: the engine that will serve the member"),
-    member: list[str] = typer.Option(None, help="members to profile (default: all)"),
+    member: list[str] = typer.Option(None, help="members to profile (default: all servable)"),
     concurrency: str = typer.Option("1,4,8", help="concurrent requests"),
     prompt_tokens: str = typer.Option("32,256", help="prompt lengths (tokens)"),
     output_tokens: str = typer.Option("32", help="output lengths (tokens)"),
     rounds: int = typer.Option(2, min=1, help="bursts per request shape"),
     dtype: str = typer.Option("float32"),
+    endpoint: str = typer.Option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions)"),
+    ready_timeout: float = typer.Option(900.0, help="seconds to wait for the worker's /health"),
 ) -> None:
-    """Measure TTFT, time per output token, throughput and peak memory through the serving engine."""
+    """Measure TTFT, time per output token, throughput and peak memory through the serving engine.
+
+    Each member is served by `family worker --engine E` in a subprocess, measured over HTTP, and
+    stopped; its profile (samples, peak memory, fitted latency model) is saved before the next one.
+    """
     from transformers import AutoTokenizer
 
     from family import latency
@@ -148,43 +185,56 @@ def profile(
 
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
+    if endpoint not in ("chat", "completions"):
+        raise FamilyError(f"--endpoint must be chat or completions, got {endpoint!r}")
     shapes = [Shape(p, o, c) for c in _ints(concurrency, "--concurrency") for p in _ints(prompt_tokens, "--prompt-tokens")
               for o in _ints(output_tokens, "--output-tokens")]
+    if len(shapes) < 2:
+        raise FamilyError("profile at least two request shapes (e.g. --prompt-tokens 32,256): a latency model needs them")
     fam = load_family(family_dir)
     names = _selected(fam, member)
-    text_ids = tokenize(AutoTokenizer.from_pretrained(fam.member_dir(fam.registry.parent)), read_source(defaults.EVAL_TEXT).text[:400_000]).tolist()
+    text = read_source(defaults.EVAL_TEXT).text[:400_000]
     log_dir = Path(family_dir) / "logs"
     log_dir.mkdir(exist_ok=True)
     for n in names:
         tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
-        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log_dir / f"worker-{n}-{engine}.log") as worker:
-            samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds)
+        text_ids = tokenize(tok, text).tolist()
+        log = log_dir / f"worker-{n}-{engine}.log"
+        typer.echo(f"{n}: starting `family worker --engine {engine}` (log: {log})")
+        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout) as worker:
+            samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
             peak = worker.peak_rss
+        coef = latency.fit(samples)
         prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, samples=samples, peak_memory_bytes=peak,
-                              latency_model=latency.fit(samples), command=_command())
-        fam.registry.member(n).latency[device_class] = prof
-        fam.save()  # after each member: an interrupted profile loses nothing already measured
+                              latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
+        fam.record(n, latency=prof)  # after each member, merged under a lock: an interrupted profile loses nothing
         one = [s for s in samples if s.concurrency == 1] or samples
         ttft_ms = 1e3 * min(s.ttft_s for s in one)
         tok_s = len(one) / sum(s.tpot_s for s in one)
-        typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}, peak {peak / 1e9:.2f} GB")
+        err = prof.fit_error
+        typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}, "
+                   f"peak {peak / 1e9:.2f} GB; latency model error on these samples: TTFT {err['ttft']:.0%}, "
+                   f"TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
 
 
-def show(family_dir: Path = FamilyOpt) -> None:
+def show(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="verify with sha256 (default: size + mtime)")) -> None:
     """The family as a table: size, accuracy, and latency per device class."""
     from rich.console import Console
     from rich.table import Table
 
     from family.registry import load_family
 
-    fam = load_family(family_dir)
+    fam = load_family(family_dir, verify="full" if full else "fast")
     classes = sorted({dc for m in fam.registry.members for dc in m.latency})
-    table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})")
+    table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})",
+                  caption="ppl: held-out perplexity; agree: top-1 agreement with the parent; KL: mean KL(parent‖member), nats/token; "
+                          "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; peak GB: worker RSS")
     for col in ("member", "params (M)", "GB fp32", "GB bf16", "ppl", "agree", "KL"):
         table.add_column(col, justify="right" if col != "member" else "left")
     for dc in classes:
         table.add_column(f"TTFT ms {dc}", justify="right")
         table.add_column(f"tok/s {dc}", justify="right")
+        table.add_column(f"peak GB {dc}", justify="right")
     table.add_column("status")
 
     def fmt(v, spec):
@@ -197,8 +247,9 @@ def show(family_dir: Path = FamilyOpt) -> None:
             prof = m.latency.get(dc)
             one = [s for s in (prof.samples if prof else []) if s.concurrency == 1]
             row += [fmt(1e3 * min(s.ttft_s for s in one) if one else None, ".0f"),
-                    fmt(len(one) / sum(s.tpot_s for s in one) if one else None, ".1f")]
-        row.append(fam.problems.get(m.name, "ok"))
+                    fmt(len(one) / sum(s.tpot_s for s in one) if one else None, ".1f"),
+                    fmt(prof.peak_memory_bytes / 1e9 if prof and prof.peak_memory_bytes else None, ".2f")]
+        row.append(f"problem: {fam.problems[m.name]}" if m.name in fam.problems else "ok")
         table.add_row(*row)
     Console(width=200).print(table)
 

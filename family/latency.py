@@ -53,10 +53,21 @@ def fit(samples) -> dict[str, float]:
     return {**dict(zip(TTFT_TERMS, map(float, a))), **dict(zip(TPOT_TERMS, map(float, b)))}
 
 
+def fit_error(coef: dict[str, float], samples) -> dict[str, float]:
+    """Mean absolute relative error of the model on `samples` (TTFT, TPOT, end to end): how far to trust it."""
+    errs = {"ttft": [], "tpot": [], "e2e": []}
+    for s in samples:
+        pred = predict(coef, s.prompt_tokens, s.output_tokens, s.concurrency)
+        for key in errs:
+            measured = getattr(s, f"{key}_s")
+            errs[key].append(abs(getattr(pred, f"{key}_s") - measured) / max(measured, 1e-9))
+    return {key: float(np.mean(v)) for key, v in errs.items()}
+
+
 def predict(coef: dict[str, float], prompt_tokens: int, output_tokens: int, concurrency: float = 1) -> LatencyPrediction:
     p, o, c = float(prompt_tokens), float(output_tokens), max(1.0, float(concurrency))
-    ttft = float(np.dot([coef[k] for k in TTFT_TERMS], _ttft_features(p, o, c)))
-    tpot = float(np.dot([coef[k] for k in TPOT_TERMS], _tpot_features(p, o, c)))
+    ttft = float(np.dot([coef.get(k, 0.0) for k in TTFT_TERMS], _ttft_features(p, o, c)))
+    tpot = float(np.dot([coef.get(k, 0.0) for k in TPOT_TERMS], _tpot_features(p, o, c)))
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0.0, o - 1))
 
 

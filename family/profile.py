@@ -9,6 +9,7 @@ tree's largest resident set. family/ never imports server/: it speaks the worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
@@ -44,14 +45,19 @@ class WorkerProcess:
     """`family worker` in a subprocess, with its peak memory sampled in the background."""
 
     def __init__(self, member_dir: Path, name: str, engine: str, *, dtype: str = "float32", log: Path | None = None,
-                 ready_timeout: float | None = 600.0):
-        """Start the worker; wait until it is ready unless `ready_timeout` is None (then call wait_ready)."""
+                 ready_timeout: float | None = 600.0, extra_args: list[str] = ()):
+        """Start the worker; wait until it is ready unless `ready_timeout` is None (then call wait_ready).
+
+        Peak memory is the largest sum of resident set sizes over the worker's process tree, sampled
+        every 0.2 s (pages shared between a parent and its forked children count once per process).
+        """
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
-               "--engine", engine, "--port", str(self.port), "--dtype", dtype]
+        self.log = log
+        self.command = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
+                        "--engine", engine, "--port", str(self.port), "--dtype", dtype, *extra_args]
         out = open(log, "ab") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample_memory, daemon=True).start()
@@ -72,7 +78,8 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise FamilyError(f"worker exited with code {self.proc.returncode} before it was ready")
+                raise FamilyError(f"worker exited with code {self.proc.returncode} before it was ready"
+                                  + (f" (log: {self.log})" if self.log else ""))
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -83,12 +90,22 @@ class WorkerProcess:
         raise FamilyError(f"worker not ready after {timeout:.0f} s")
 
     def stop(self) -> None:
+        """Terminate the worker and every process it started (vLLM runs an engine-core child)."""
         self._stop.set()
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def __enter__(self):
         return self
@@ -101,21 +118,30 @@ def prompt_of(tokenizer, text_ids: list[int], n: int, offset: int = 0) -> str:
     return tokenizer.decode(text_ids[offset : offset + n])
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, output_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, output_tokens: int, endpoint: str = "chat") -> dict:
+    """One streaming request; times to the first content token, between tokens, and to the end."""
+    body = {"model": model, "max_tokens": output_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     start = time.perf_counter()
     stamps, usage = [], None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+    async with client.stream("POST", f"{url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", json=body) as r:
         if r.status_code != 200:
             raise FamilyError(f"worker answered {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):
+                raise FamilyError(f"worker streamed an error: {chunk['error'].get('message')}")
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
+            choice = (chunk.get("choices") or [{}])[0]
+            text = choice.get("delta", {}).get("content") if endpoint == "chat" else choice.get("text")
+            if text:
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
     if not stamps or usage is None:
@@ -123,17 +149,18 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, out
     n = usage["completion_tokens"]
     return {
         "ttft": stamps[0] - start, "e2e": end - start, "tokens": n, "prompt_tokens": usage["prompt_tokens"],
-        "tpot": (end - stamps[0]) / max(1, n - 1),
+        # mean gap between output tokens (a chunk may carry more than one token: count from usage)
+        "tpot": (stamps[-1] - stamps[0]) / max(1, n - 1),
     }
 
 
-async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, rounds: int) -> LatencySample:
+async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, rounds: int, endpoint: str = "chat") -> LatencySample:
     """`rounds` bursts of `concurrency` simultaneous requests of this shape; means over all requests."""
     results, walls = [], []
     async with httpx.AsyncClient(timeout=600) as client:
         for r in range(rounds):
             start = time.perf_counter()
-            batch = [_one(client, url, model, prompts[(r * shape.concurrency + i) % len(prompts)], shape.output_tokens)
+            batch = [_one(client, url, model, prompts[(r * shape.concurrency + i) % len(prompts)], shape.output_tokens, endpoint)
                      for i in range(shape.concurrency)]
             results += await asyncio.gather(*batch)
             walls.append(time.perf_counter() - start)
@@ -150,14 +177,20 @@ async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, 
 
 
 def profile_worker(url: str, model: str, tokenizer, text_ids: list[int], shapes: list[Shape], rounds: int = 2,
-                   progress: bool = True) -> list[LatencySample]:
-    """Measure every shape against a running worker (warm-up request first)."""
+                   progress: bool = True, endpoint: str = "chat") -> list[LatencySample]:
+    """Measure every shape against a running worker (a warm-up request first). With `endpoint="chat"`
+    the prompt is one user message of about `prompt_tokens` text tokens (the chat template adds a
+    few; the sample records the worker's own count); with "completions" it is the raw text."""
     samples = []
-    asyncio.run(measure_shape(url, model, [prompt_of(tokenizer, text_ids, 16)], Shape(16, 4, 1), 1))  # warm-up
-    bar = tqdm(shapes, desc=f"profile {model}", unit="shape", disable=not progress)
-    for shape in bar:
+    asyncio.run(measure_shape(url, model, [prompt_of(tokenizer, text_ids, 16)], Shape(16, 4, 1), 1, endpoint))  # warm-up
+    total = sum(s.output_tokens * s.concurrency * rounds for s in shapes)
+    bar = tqdm(total=total, desc=f"profile {model}", unit="tok", disable=not progress)
+    for shape in shapes:
         prompts = [prompt_of(tokenizer, text_ids, shape.prompt_tokens, offset=997 * i) for i in range(shape.concurrency * rounds)]
-        sample = asyncio.run(measure_shape(url, model, prompts, shape, rounds))
-        bar.set_postfix(p=shape.prompt_tokens, c=shape.concurrency, ttft_ms=f"{sample.ttft_s * 1e3:.0f}", tok_s=f"{sample.throughput_tok_s:.0f}")
+        sample = asyncio.run(measure_shape(url, model, prompts, shape, rounds, endpoint))
+        bar.update(shape.output_tokens * shape.concurrency * rounds)
+        bar.set_postfix(p=shape.prompt_tokens, c=shape.concurrency, ttft_ms=f"{sample.ttft_s * 1e3:.0f}",
+                        tpot_ms=f"{sample.tpot_s * 1e3:.0f}", tok_s=f"{sample.throughput_tok_s:.0f}")
         samples.append(sample)
+    bar.close()
     return samples

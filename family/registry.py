@@ -4,11 +4,22 @@ It is the one source of truth the gateway routes from: for every member its size
 the sha256 of every weight file, and what was *measured* about it (accuracy records, latency profiles
 per device class). Written atomically; on load every member's files are checked (fast: size and
 mtime; full: sha256) and a member that fails is reported by name and never offered for serving.
+
+What the gateway and the tools code against:
+- `load_family(root, verify=...) -> Family` (`.registry`, `.problems`, `.servable`, `.member_dir(name)`),
+  `read_registry`, `save_registry`, `sync_family`, `member_name`, `parent_name`;
+- `MemberRecord.quality` (top-1 agreement with the parent; the parent is 1.0), `.metric("perplexity")`,
+  `memory_bytes(record, device_class, dtype)`, `members_fitting(family, device_class=..., ...)`;
+- `family.latency.predict_latency(record, device_class, prompt_tokens, output_tokens, concurrency)`;
+- `Family.record(name, accuracy=..., latency=...)`: add measurements under a lock, merged with what
+  other processes saved meanwhile (`sync_family` takes the same lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 from pathlib import Path
 from typing import Literal
@@ -75,6 +86,7 @@ class LatencyProfile(_Model):
     samples: list[LatencySample] = Field(default_factory=list)
     peak_memory_bytes: int | None = None
     latency_model: dict[str, float] | None = None  # coefficients fitted by family.latency
+    fit_error: dict[str, float] | None = None  # the model's mean relative error on these samples (ttft, tpot, e2e)
     command: str = ""
     measured_at: str = Field(default_factory=now_iso)
 
@@ -110,6 +122,8 @@ class MemberRecord(_Model):
         profile = self.latency.get(device_class) if device_class else None
         if profile is not None and profile.peak_memory_bytes:
             return profile.peak_memory_bytes
+        if dtype not in self.bytes and dtype in DTYPE_BYTES:
+            return self.parameters * DTYPE_BYTES[dtype]
         return self.bytes.get(dtype, self.bytes["float32"])
 
 
@@ -151,7 +165,31 @@ class Family:
         return self.root / self.registry.member(name).path
 
     def save(self) -> None:
+        """Write the whole in-memory registry (last writer wins; see `record` for concurrent writers)."""
         save_registry(self.root, self.registry)
+
+    def record(self, name: str, *, accuracy: list[AccuracyRecord] = (), latency: LatencyProfile | None = None) -> None:
+        """Add measurements of one member and save, without losing what another process saved meanwhile.
+
+        Under an exclusive lock on `family.json.lock`, the registry is re-read from disk, the new
+        records are added to `name`, and it is written back atomically; the in-memory registry is
+        replaced by the merged one. Two `family eval`/`family profile` runs on one family can run at once.
+        """
+        with registry_lock(self.root):
+            fresh = read_registry(self.root)
+            rec = fresh.member(name)
+            rec.accuracy.extend(a.model_copy() for a in accuracy)
+            if latency is not None:
+                rec.latency[latency.device_class] = latency.model_copy(deep=True)
+            # Keep file fingerprints refreshed by this process's fast verification.
+            for m in fresh.members:
+                if m.name in self.registry.names():
+                    mine = self.registry.member(m.name)
+                    for fname, f in m.files.items():
+                        if fname in mine.files and mine.files[fname].sha256 == f.sha256:
+                            f.mtime_ns = mine.files[fname].mtime_ns
+            save_registry(self.root, fresh)
+            self.registry = fresh
 
 
 # --- reading members from disk -------------------------------------------------------------------
@@ -228,6 +266,9 @@ def verify_member(family_root: Path, record: MemberRecord, mode: Verify = "fast"
         if mode == "full" or st.st_mtime_ns != expect.mtime_ns:
             if sha256_file(path) != expect.sha256:
                 return f"checksum mismatch: {path}"
+            # Same content, new mtime (copied, touched): remember the new fingerprint so the next fast
+            # check is cheap again; it reaches disk with the next save of the registry.
+            expect.mtime_ns = st.st_mtime_ns
     return None
 
 
@@ -236,6 +277,18 @@ def verify_member(family_root: Path, record: MemberRecord, mode: Verify = "fast"
 
 def registry_path(family_root: Path) -> Path:
     return Path(family_root) / defaults.REGISTRY_FILE
+
+
+@contextlib.contextmanager
+def registry_lock(family_root: Path):
+    """An exclusive advisory lock (flock) on FAMILY/family.json.lock, for read-modify-write updates."""
+    lock_path = Path(family_root) / (defaults.REGISTRY_FILE + ".lock")
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def save_registry(family_root: Path, registry: FamilyRegistry) -> None:
@@ -294,6 +347,12 @@ def sync_family(family_root: Path, *, parent_dir: Path, family_name: str | None 
     parent_dir = Path(parent_dir)
     if not (parent_dir / "config.json").is_file():
         raise FamilyError(f"parent folder has no config.json: {parent_dir}")
+    family_root.mkdir(parents=True, exist_ok=True)
+    with registry_lock(family_root):  # against a concurrent eval/profile recording into the same file
+        return _sync_locked(family_root, parent_dir, family_name)
+
+
+def _sync_locked(family_root: Path, parent_dir: Path, family_name: str | None) -> FamilyRegistry:
     try:
         registry = read_registry(family_root)
     except FamilyError:
@@ -317,3 +376,64 @@ def sync_family(family_root: Path, *, parent_dir: Path, family_name: str | None 
         registry.upsert(fresh)
     save_registry(family_root, registry)
     return registry
+
+
+# --- what the gateway asks of the registry ---------------------------------------------------------
+
+
+def memory_bytes(record: MemberRecord, device_class: str | None = None, dtype: str = "float32") -> int:
+    """Memory a member needs: the peak measured while serving on `device_class` when profiled there,
+    else its weights' bytes at `dtype` (a lower bound: no activations, no KV cache)."""
+    return record.memory_bytes(device_class, dtype)
+
+
+def _rank_key(m: MemberRecord) -> tuple:
+    ppl = m.metric("perplexity")
+    return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
+
+
+def members_fitting(
+    family: Family | FamilyRegistry,
+    *,
+    device_class: str,
+    max_memory_gb: float | None = None,
+    max_ttft_ms: float | None = None,
+    max_latency_ms: float | None = None,
+    min_accuracy: float | None = None,
+    prompt_tokens: int = 128,
+    output_tokens: int = defaults.DEFAULT_MAX_TOKENS,
+    context_tokens: int | None = None,
+    concurrency: int = 1,
+) -> list[MemberRecord]:
+    """The members whose registry figures meet every given limit, best first.
+
+    A static filter: memory is `memory_bytes(m, device_class)` (GB = 1e9 bytes); latency is the fitted
+    model of `device_class` at `concurrency` for a request of `prompt_tokens` in and `output_tokens`
+    out (a member never profiled there fits only when no latency limit is given); accuracy is
+    `m.quality` (an unmeasured member fits only without `min_accuracy`); the context needed is
+    `context_tokens`, else prompt + output, and must not exceed the member's max_model_len. With a
+    `Family`, only servable members (verified files) are considered. Best first: higher quality, then
+    lower perplexity, then fewer parameters. The gateway adds live load on top of this.
+    """
+    from family.latency import predict_latency
+
+    members = family.servable if isinstance(family, Family) else list(family.members)
+    need = context_tokens if context_tokens is not None else prompt_tokens + output_tokens
+    fits = []
+    for m in members:
+        if need > m.max_model_len:
+            continue
+        if max_memory_gb is not None and m.memory_bytes(device_class) / 1e9 > max_memory_gb:
+            continue
+        if min_accuracy is not None and (m.quality is None or m.quality < min_accuracy):
+            continue
+        if max_ttft_ms is not None or max_latency_ms is not None:
+            pred = predict_latency(m, device_class, prompt_tokens, output_tokens, concurrency)
+            if pred is None:
+                continue
+            if max_ttft_ms is not None and pred.ttft_s * 1e3 > max_ttft_ms:
+                continue
+            if max_latency_ms is not None and pred.e2e_s * 1e3 > max_latency_ms:
+                continue
+        fits.append(m)
+    return sorted(fits, key=_rank_key)

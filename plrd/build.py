@@ -3,6 +3,8 @@
 Each member is cut from the previous (healed) one, as in the PLRD paper, so healing compounds. A
 member folder appears only when complete (written atomically with its provenance.json), which makes a
 build resumable: rerun the same command after a crash and finished members are loaded, not redone.
+
+On GPUs the same command runs data-parallel healing unchanged: `accelerate launch -m family.cli build ...`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from family.errors import FamilyError
@@ -36,14 +39,23 @@ class BuildConfig:
     targets: list[float]
     calib: str
     out: Path
-    name: str
+    name: str | None  # None: from the parent's folder name (see `default_family_name`)
     heal: HealConfig
     method: Method = "whitened"
     allocation: Allocation = "allocated"
     calib_sequences: int = 64
     calib_seq_len: int = 512
+    calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
+
+
+def default_family_name(parent: str | Path) -> str:
+    """The family's name when none is given: the parent's folder name without a `parent-` prefix
+    (runs/parent-smollm2-135m → smollm2-135m), a GGUF file's stem, or a hub id's last part."""
+    path = Path(str(parent))
+    name = path.stem if path.suffix == ".gguf" else path.name
+    return (name.removeprefix("parent-") or name).lower()
 
 
 def parse_targets(text: str) -> list[float]:
@@ -55,7 +67,7 @@ def parse_targets(text: str) -> list[float]:
     if not targets:
         raise FamilyError("--targets is empty")
     for t in targets:
-        if not 0.0 < t < 1.0:
+        if not 0.0 < t < 1.0:  # also refuses nan
             raise FamilyError(f"target {t} is out of range: each target is a fraction of the parent's parameters in (0, 1)")
     if any(b >= a for a, b in zip(targets, targets[1:])):
         raise FamilyError(f"--targets must be strictly decreasing (each member is cut from the previous one), got {text}")
@@ -83,18 +95,33 @@ def _write_provenance(member_dir: Path, record: dict) -> None:
     atomic_write_text(member_dir / PROVENANCE, json.dumps(record, indent=2, default=str) + "\n")
 
 
+def _heal_record(result) -> dict:
+    """What provenance keeps of a heal: totals and a coarse loss curve (at most 20 points)."""
+    record = asdict(result)
+    curve = record.pop("losses")
+    stride = max(1, len(curve) // 20)
+    record["loss_curve"] = [round(x, 4) for x in curve[::stride]]
+    return record
+
+
 def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     """Build every member of `cfg.targets` that is not already on disk; return all member folders."""
     if not cfg.targets or any(b >= a for a, b in zip(cfg.targets, cfg.targets[1:])):
         raise FamilyError("targets must be non-empty and strictly decreasing")
-    source = read_source(cfg.calib)  # fail on a bad data path before loading anything heavy
+    if any(not 0.0 < t < 1.0 for t in cfg.targets):
+        raise FamilyError(f"targets must be fractions of the parent's parameters in (0, 1), got {cfg.targets}")
+    name = cfg.name or default_family_name(cfg.parent)
+    source = read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
     parent, tokenizer = load_parent(cfg.parent)
     parent_params = count_parameters(parent)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    parent_dir = out / parent_name(cfg.name)
-    if not is_complete(parent_dir):
+    # Under `accelerate launch` every process runs this function (factorization is deterministic, so
+    # they agree); healing is data-parallel; only the main process writes to disk.
+    state = PartialState()
+    parent_dir = out / parent_name(name)
+    if state.is_main_process and not is_complete(parent_dir):
         if (Path(cfg.parent) / "config.json").is_file():
             _link_or_copy_tree(Path(cfg.parent), parent_dir)
         else:  # a GGUF file or hub id: write the loaded parent out
@@ -102,20 +129,22 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                 parent.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
         _write_provenance(parent_dir, {"method": "parent", "source": str(cfg.parent), "parameters": parent_params, "created_at": now_iso()})
-    sync_family(out, parent_dir=parent_dir, family_name=cfg.name)
+    if state.is_main_process:
+        sync_family(out, parent_dir=parent_dir, family_name=name)
+    state.wait_for_everyone()
 
     ids = tokenize(tokenizer, source.text)
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
     heal_rows = pack(ids, cfg.heal.seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
 
-    current, current_name, made = parent, parent_name(cfg.name), []
+    current, current_name, made = parent, parent_name(name), []
     for target in cfg.targets:
-        name = member_name(cfg.name, target)
-        member_dir = out / name
+        this = member_name(name, target)
+        member_dir = out / this
         if is_complete(member_dir):
             current = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
-            current_name = name
+            current_name = this
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
@@ -127,6 +156,11 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             teacher = parent if cfg.heal.distill_weight > 0 else None
             heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress)
         params = count_parameters(member)
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            current, current_name = member, this
+            made.append(member_dir)
+            continue
         with atomic_dir(member_dir) as staging:
             member.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -138,13 +172,18 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                     "target": target,
                     "parameters": params,
                     "achieved_fraction": params / parent_params,
-                    "parent": parent_name(cfg.name),
+                    "parent": parent_name(name),
                     "derived_from": current_name,
                     "calibration": {
                         "source": source.spec, "sha256": source.sha256,
                         "sequences": cfg.calib_sequences, "seq_len": cfg.calib_seq_len,
-                    },
-                    "healing": {**asdict(cfg.heal), **(asdict(heal_result) if heal_result else {"steps": 0})},
+                    } if cfg.method == "whitened" else None,
+                    "healing": {**asdict(cfg.heal), **(_heal_record(heal_result) if heal_result else {"steps": 0})},
+                    "healing_data": {"source": source.spec, "sha256": source.sha256},
+                    "distillation": {
+                        "teacher": parent_name(name), "weight": cfg.heal.distill_weight, "temperature": cfg.heal.temperature,
+                    } if cfg.heal.distill_weight > 0 and cfg.heal.tokens > 0 else None,
+                    "final_heal_loss": heal_result.final_loss if heal_result else None,
                     "seed": cfg.seed,
                     "started_at": started,
                     "finished_at": now_iso(),
@@ -152,7 +191,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                     "command": cfg.command,
                 },
             )
-        sync_family(out, parent_dir=parent_dir, family_name=cfg.name)
-        current, current_name = member, name
+        sync_family(out, parent_dir=parent_dir, family_name=name)
+        state.wait_for_everyone()
+        current, current_name = member, this
         made.append(member_dir)
     return made

@@ -30,9 +30,10 @@ def build(
     calib: str = typer.Option(str(defaults.CALIB_TEXT), help="calibration/healing text: file, file.jsonl[:field] or hf:name"),
     heal_tokens: int = typer.Option(0, help="healing token budget per member (0 = no healing)"),
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
-    name: str = typer.Option(defaults.FAMILY_NAME, help="family name; members are NAME-p90, NAME-p80, ..."),
+    name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
     allocation: str = typer.Option("allocated", help="allocated (rank where truncation costs most) or uniform"),
+    calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(64, help="calibration sequences"),
     calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
     seq_len: int = typer.Option(256, help="healing sequence length"),
@@ -40,7 +41,8 @@ def build(
     grad_accum: int = typer.Option(2, help="gradient accumulation steps"),
     lr: float = typer.Option(3e-4, help="peak learning rate (AdamW, warm-up then cosine)"),
     train: str = typer.Option("factors", help="factors (only the low-rank factors) or all"),
-    distill_weight: float = typer.Option(0.0, help="weight of KL to the parent's logits (0 = LM loss only)"),
+    distill: bool = typer.Option(False, "--distill/--no-distill", help="distill from the parent while healing (KL on logits)"),
+    distill_weight: float = typer.Option(0.5, help="with --distill: weight of the KL term (1 - weight on the LM loss)"),
     temperature: float = typer.Option(2.0, help="distillation temperature"),
     bf16: bool = typer.Option(True, help="bf16 autocast while healing"),
     seed: int = typer.Option(defaults.SEED),
@@ -56,15 +58,19 @@ def build(
         raise FamilyError(f"--allocation must be allocated or uniform, got {allocation!r}")
     if train not in ("factors", "all"):
         raise FamilyError(f"--train must be factors or all, got {train!r}")
-    if heal_tokens < 0 or not 0.0 <= distill_weight <= 1.0 or min(calib_sequences, calib_seq_len, seq_len, batch_size, grad_accum) < 1:
-        raise FamilyError("--heal-tokens must be ≥ 0, --distill-weight in [0, 1], sizes ≥ 1")
+    if heal_tokens < 0:
+        raise FamilyError(f"--heal-tokens must be ≥ 0, got {heal_tokens}")
+    if not 0.0 <= distill_weight <= 1.0 or temperature <= 0:
+        raise FamilyError("--distill-weight must be in [0, 1] and --temperature > 0")
+    if min(calib_sequences, calib_seq_len, seq_len, batch_size, grad_accum) < 1 or lr <= 0:
+        raise FamilyError("--calib-sequences, --calib-seq-len, --seq-len, --batch-size, --grad-accum must be ≥ 1 and --lr > 0")
     heal_cfg = HealConfig(
         tokens=heal_tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, train=train,
-        distill_weight=distill_weight, temperature=temperature, bf16=bf16, seed=seed,
+        distill_weight=distill_weight if distill else 0.0, temperature=temperature, bf16=bf16, seed=seed,
     )
     cfg = BuildConfig(
         parent=Path(parent) if Path(parent).exists() else parent, targets=parse_targets(targets), calib=calib, out=out,
-        name=name, heal=heal_cfg, method=method, allocation=allocation, calib_sequences=calib_sequences,
+        name=name or None, heal=heal_cfg, method=method, allocation=allocation, calib_sequences=calib_sequences, calib_field=calib_field or None,
         calib_seq_len=calib_seq_len, seed=seed,
     )
     for path in build_family(cfg):

@@ -162,7 +162,11 @@ def choose_ranks(specs: list[Spectrum], budget: int, allocation: Allocation) -> 
 
 def projection_budget(model: nn.Module, target_fraction: float, parent_parameters: int) -> int:
     """Parameters left for the projections when the whole member must hold `target_fraction` of the parent's."""
-    if not 0.0 < target_fraction <= 1.0:
+    try:
+        target_fraction = float(target_fraction)
+    except (TypeError, ValueError):
+        raise FamilyError(f"target {target_fraction!r} is not a number: give a fraction of the parent's parameters, e.g. 0.8") from None
+    if not 0.0 < target_fraction <= 1.0:  # also refuses NaN
         raise FamilyError(f"target {target_fraction} is out of range: give a fraction of the parent's parameters in (0, 1]")
     fixed = fixed_parameters(model)
     # The smallest member: every projection at rank 1.
@@ -235,13 +239,17 @@ def factorize(
     grams: dict[str, torch.Tensor] | None,
     allocation: Allocation = "allocated",
     progress: bool = True,
+    specs: list[Spectrum] | None = None,
 ) -> LowRankLlamaForCausalLM:
     """`model` (dense or low-rank) cut down to `target_fraction` of `parent_parameters`.
 
-    `grams` from `plrd.calibrate.collect_grams` selects whitened SVD; None selects plain SVD.
+    `grams` from `plrd.calibrate.collect_grams` selects whitened SVD; None selects plain SVD. The
+    SVDs are the costly part: pass `specs` (from `spectra(model, grams)`) to cut several targets
+    from one model without redoing them.
     """
     budget = projection_budget(model, target_fraction, parent_parameters)
-    specs = spectra(model, grams, progress=progress)
+    if specs is None:
+        specs = spectra(model, grams, progress=progress)
     ranks = choose_ranks(specs, budget, allocation)
     return build_lowrank(model, specs, ranks)
 

@@ -3,16 +3,19 @@
 The loss is the LM loss on packed text, mixed with KL(teacher ‖ student) on temperature-softened
 logits when a teacher (the parent, or the previous member) is given. AdamW with warm-up and a cosine
 schedule, gradient accumulation, a token budget, bf16 autocast. `accelerate` owns devices and
-processes, so `accelerate launch -m plrd.heal_main ...` (or `family build` under `accelerate launch`)
-runs the same loop on one or many GPUs. Measured on this 2-core CPU (avx512_bf16): bf16 autocast
-makes the projections' matmuls about 3.6× faster than fp32, so it is the default here.
+processes, so `accelerate launch -m family.cli build ...` runs the same loop data-parallel on one or
+many GPUs, and plain `family build` runs it on the CPU.
+
+bf16 autocast is the default. Measured on this project's 2-core CPU (AMD EPYC with avx512_bf16): the
+projections' matmuls run about 3.6× faster in bf16 than in fp32; BF16_MEASUREMENT below records the
+whole training step (forward + backward of SmolLM2-135M cut to 0.8). On GPUs bf16 is the norm anyway.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,7 @@ class HealResult:
     seconds: float
     first_loss: float
     final_loss: float  # mean over the last 10% of steps
+    losses: list[float] = field(default_factory=list, repr=False)  # LM loss per optimizer step (the curve)
 
 
 def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
@@ -137,4 +141,4 @@ def heal(
     for p in accelerator.unwrap_model(model).parameters():
         p.requires_grad_(False)
     tail = losses[-max(1, len(losses) // 10):]
-    return HealResult(len(losses), steps * tokens_per_step, time.perf_counter() - start, losses[0], sum(tail) / len(tail))
+    return HealResult(len(losses), steps * tokens_per_step, time.perf_counter() - start, losses[0], sum(tail) / len(tail), losses)

@@ -73,7 +73,15 @@ def serve(
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
 ) -> None:
-    """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget."""
+    """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget.
+
+    Without --fleet, one `family worker` per servable member starts on this machine (free ports) and
+    stops with the gateway. Members with no latency profile for a worker's device class only serve
+    requests without latency limits (or with allow_best_effort)."""
+    import gc
+    import signal
+    import sys
+
     import uvicorn
 
     from family.errors import FamilyError
@@ -90,17 +98,22 @@ def serve(
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
     auth = Auth.from_file(api_keys)
+    # SIGTERM stops the gateway like Ctrl-C does, through the `finally` below that stops local workers
+    # (uvicorn re-raises the signal it caught once it has shut down; the default action would skip it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     local = None
-    if fleet is not None:
-        specs = load_fleet(fleet, fam)
-    else:
-        typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
-        local = LocalWorkers(fam, engine, device_class)
-        specs = local.specs
-    app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval)
-    typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        if fleet is not None:
+            specs = load_fleet(fleet, fam)
+        else:
+            typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
+            local = LocalWorkers(fam, engine, device_class)
+            specs = local.specs
+        app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval)
+        typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)
+        gc.collect()
+        gc.freeze()  # start-up objects (tokenizers, registry, imports) out of the collector's way: shorter GC pauses
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:
         if local is not None:
             local.close()

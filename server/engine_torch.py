@@ -1,11 +1,16 @@
 """The embedded torch engine: serves one member with `transformers` where vLLM is not installed.
 
-Design (simple, and correct under concurrency): one scheduler thread owns the model. It takes up to
-`max_batch` waiting requests, left-pads them into one batch and decodes them together step by step
-with one KV cache; each row samples with its own parameters and stops on its own (eos, stop string,
-max_tokens). Requests that arrive while a batch runs wait for the next batch ("dynamic batching",
-not vLLM's iteration-level continuous batching). Tokens are pushed to each request's asyncio queue as
-they are produced, so streaming is token by token. A bounded waiting queue makes overload a fast 429.
+Design: step-level continuous batching, like vLLM's scheduler but without paging. One scheduler thread
+owns the model and a running batch of at most `max_batch` rows sharing one KV cache (left-padded to a
+common length, padding masked out, positions per row). Each iteration it (1) admits waiting requests
+into free rows: their prompts are prefilled together and their caches spliced into the running one,
+(2) decodes one token for every running row in one forward pass, and (3) drops the rows that finished
+(eos, stop string, max_tokens, client gone), trimming cache columns no remaining row uses. So a request
+arriving mid-generation starts at the next step instead of waiting for the batch to drain. Each row
+samples with its own parameters and generator (seeded requests repeat). Tokens go to each request's
+asyncio queue as they are produced, so streaming is token by token. A prompt is prefilled in one pass
+(no chunked prefill): a long prompt delays the running rows by one prefill. A bounded waiting queue
+makes overload a fast 429.
 """
 
 from __future__ import annotations
@@ -48,9 +53,61 @@ class GenRequest:
     emitted: int = 0  # characters of `text` already sent
     finish_reason: str | None = None
     cancelled: bool = False
+    # Sampling state, owned by the scheduler thread:
+    generator: torch.Generator | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated token → times (penalties)
+    last_token_at: float = 0.0
 
     def push(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class _Batch:
+    """The running rows and their shared KV cache, left-padded to one length (mask 0 on padding)."""
+
+    def __init__(self, rows=None, cache=None, mask=None, next_pos=None, last=None):
+        self.rows: list[GenRequest] = rows or []
+        self.cache = cache  # transformers DynamicCache: per layer keys/values [rows, heads, width, head_dim]
+        self.mask = mask if mask is not None else torch.zeros((0, 0), dtype=torch.long)  # [rows, width]
+        self.next_pos = next_pos  # [rows] position of the next token
+        self.last = last  # [rows] the token sampled last (the next step's input)
+
+    def selected(self, keep: list[int]) -> "_Batch":
+        """The rows at `keep`, without the leading cache columns none of them uses."""
+        if len(keep) == len(self.rows):
+            return self
+        if not keep:
+            return _Batch()
+        idx = torch.tensor(keep, dtype=torch.long)
+        mask = self.mask[idx]
+        drop = int((mask.sum(0) == 0).cumprod(0).sum())
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx, :, drop:], layer.values[idx, :, drop:]
+        return _Batch([self.rows[i] for i in keep], self.cache, mask[:, drop:], self.next_pos[idx], self.last[idx])
+
+    def merged(self, other: "_Batch") -> "_Batch":
+        """This batch and `other` as one: both left-padded to the wider cache, rows stacked."""
+        if not self.rows:
+            return other
+        if not other.rows:
+            return self
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = width - t.shape[dim]
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
+        return _Batch(
+            self.rows + other.rows, self.cache, torch.cat([pad(self.mask, 1), pad(other.mask, 1)], dim=0),
+            torch.cat([self.next_pos, other.next_pos]), torch.cat([self.last, other.last]),
+        )
 
 
 class EngineStats:
@@ -118,82 +175,92 @@ class TorchEngine:
     # --- the scheduler thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        batch = _Batch()
         while not self._stop.is_set():
+            fresh: list[GenRequest] = []
             try:
-                first = self._waiting.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._waiting.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled]
-            self.stats.waiting = self._waiting.qsize()
-            if not batch:
-                continue
-            try:
-                self._generate(batch)
-            except Exception as exc:  # a failed batch fails its requests, never the engine
-                for r in batch:
+                fresh = self._admit(block=not batch.rows)
+                if fresh:
+                    batch = batch.merged(self._prefill(fresh))
+                if batch.rows:
+                    batch = self._decode_step(batch)
+            except Exception as exc:  # a failed step fails its requests, never the engine
+                for r in batch.rows + fresh:
                     if r.finish_reason is None:
+                        r.finish_reason = "error"
                         r.push("error", f"generation failed: {type(exc).__name__}: {exc}")
+                batch = _Batch()
             finally:
-                self.stats.running = 0
-                self.stats.cache_tokens = 0
+                self.stats.running = len(batch.rows)
+                self.stats.cache_tokens = int(batch.mask.sum()) if batch.rows else 0
+                self.stats.waiting = self._waiting.qsize()
+
+    def _admit(self, block: bool) -> list[GenRequest]:
+        """Waiting requests that fit in the running batch (wait a little for one if nothing runs)."""
+        room = self.max_batch - self.stats.running
+        fresh: list[GenRequest] = []
+        if block:
+            try:
+                fresh.append(self._waiting.get(timeout=0.05))
+            except queue.Empty:
+                return []
+        while len(fresh) < room:
+            try:
+                fresh.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        return [r for r in fresh if not r.cancelled]
 
     @torch.no_grad()
-    def _generate(self, batch: list[GenRequest]) -> None:
-        self.stats.running = len(batch)
-        n = len(batch)
-        width = max(len(r.prompt_ids) for r in batch)
+    def _prefill(self, rows: list[GenRequest]) -> "_Batch":
+        """Run the prompts of newly admitted rows (left-padded together); sample their first token."""
+        self.stats.running += len(rows)
+        n, width = len(rows), max(len(r.prompt_ids) for r in rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(batch):
+        for i, r in enumerate(rows):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        vocab = self.model.config.vocab_size
-        counts = torch.zeros((n, vocab), dtype=torch.float32)
-        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in batch]
-        active = [True] * n
-        cache = None
-        last_token_at = [0.0] * n
-        steps = max(r.max_tokens for r in batch)
-        for step in range(steps):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            next_ids = torch.empty(n, dtype=torch.long)
-            now = time.perf_counter()
-            for i, r in enumerate(batch):
-                if not active[i]:
-                    next_ids[i] = self.pad_id
-                    continue
-                next_ids[i] = self._sample(logits[i], counts[i], r, generators[i])
-                counts[i, next_ids[i]] += 1
-                tok = int(next_ids[i])
-                if step == 0:
-                    self._observe("ttft", now - r.arrived)
-                else:
-                    self._observe("itl", now - last_token_at[i])
-                last_token_at[i] = now
-                active[i] = self._advance(r, tok)
-            self.stats.running = sum(active)
-            self.stats.cache_tokens = int(mask.sum())
-            if not any(active):
-                break
-            ids = next_ids[:, None]
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-        for i, r in enumerate(batch):
-            if r.finish_reason is None:  # ran out of steps: only possible at max_tokens
-                self._finish(r, "length")
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        fresh = _Batch(rows, out.past_key_values, mask, positions[:, -1] + 1, torch.zeros(n, dtype=torch.long))
+        for r in rows:
+            r.generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            r.counts = {}
+        return self._take_tokens(fresh, out.logits[:, -1].float(), first=True)
 
-    def _sample(self, logits: torch.Tensor, counts: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> int:
-        if r.frequency_penalty or r.presence_penalty:
-            logits = logits - r.frequency_penalty * counts - r.presence_penalty * (counts > 0).float()
+    @torch.no_grad()
+    def _decode_step(self, batch: "_Batch") -> "_Batch":
+        """One token for every running row, in one forward pass over the shared cache."""
+        batch.mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=batch.last[:, None], attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
+            past_key_values=batch.cache, use_cache=True,
+        )
+        batch.cache = out.past_key_values
+        batch.next_pos = batch.next_pos + 1
+        return self._take_tokens(batch, out.logits[:, -1].float(), first=False)
+
+    def _take_tokens(self, batch: "_Batch", logits: torch.Tensor, first: bool) -> "_Batch":
+        """Sample one token per row, stream it, and drop the rows that finished."""
+        now = time.perf_counter()
+        keep = []
+        for i, r in enumerate(batch.rows):
+            tok = self._sample(logits[i], r)
+            r.counts[tok] = r.counts.get(tok, 0) + 1
+            self._observe("ttft" if first else "itl", now - (r.arrived if first else r.last_token_at))
+            r.last_token_at = now
+            batch.last[i] = tok
+            if self._advance(r, tok):
+                keep.append(i)
+        return batch.selected(keep)
+
+    def _sample(self, logits: torch.Tensor, r: GenRequest) -> int:
+        if (r.frequency_penalty or r.presence_penalty) and r.counts:
+            seen = torch.tensor(list(r.counts), dtype=torch.long)
+            times = torch.tensor(list(r.counts.values()), dtype=logits.dtype)
+            logits = logits.clone()
+            logits[seen] -= r.frequency_penalty * times + r.presence_penalty
         if r.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / r.temperature, dim=-1)
@@ -202,17 +269,17 @@ class TorchEngine:
             keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # smallest prefix whose mass reaches top_p
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        return int(torch.multinomial(probs, 1, generator=r.generator))
 
     def _advance(self, r: GenRequest, tok: int) -> bool:
         """Take one generated token; stream what is safe to show; return whether the row goes on."""
         if r.cancelled:
             r.finish_reason = "cancelled"
             return False
+        r.output_ids.append(tok)  # an eos counts as a completion token, as in vLLM's usage
         if tok in self.eos_ids and not r.ignore_eos:
             self._finish(r, "stop")
             return False
-        r.output_ids.append(tok)
         r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
         for s in r.stop:
             cut = r.text.find(s)

@@ -52,7 +52,11 @@ def load_fleet(path: Path, family: Family) -> list[WorkerSpec]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise FamilyError(f"fleet file {path}: {where}: {first['msg']}") from exc
+    seen: set[str] = set()
     for w in fleet.workers:
+        if w.base in seen:
+            raise FamilyError(f"fleet file {path}: worker {w.base} is listed twice (one worker serves one member)")
+        seen.add(w.base)
         if w.member not in family.registry.names():
             raise FamilyError(f"fleet file {path}: worker {w.base} serves unknown member {w.member!r} (members: {', '.join(family.registry.names())})")
         if w.member in family.problems:

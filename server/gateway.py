@@ -3,31 +3,39 @@
 `model` names a member (pinned) or the family (routed by budget). Each request is routed
 (server.router), sent to a worker with retries on another worker or the next member for connection
 errors, 5xx and 429 before the first token, and relayed back, streamed or not. The chosen member,
-worker and predicted latency come back in `x-family-*` response headers.
+worker and predicted latency come back in `x-family-*` response headers. A worker's 429 is passed on
+(with its Retry-After) only when no other worker or member can take the request; a stream whose
+worker dies after the first token ends with an error event and `data: [DONE]`.
+
+Upstream calls go through one aiohttp session (a keep-alive pool for every worker): on this
+project's 2-core machines it costs about a quarter of httpx's per-request CPU, which is most of what
+the gateway adds to a request (benchmarks/gateway_overhead.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import time
 from typing import AsyncIterator
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from transformers import AutoTokenizer
 
 from family.registry import Family
 from server.auth import Auth, KeySpec
 from server.errors import APIError, install_error_handlers, not_found
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
-from server.pool import Pool
+from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
 from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, sse
 from server.router import Choice, best_effort, no_fit_error, route
+from server.tokens import Tokenizers
 
 BUDGET_HEADERS = {
     "x-budget-memory-gb": "max_memory_gb",
@@ -37,6 +45,9 @@ BUDGET_HEADERS = {
     "x-allow-best-effort": "allow_best_effort",
 }
 MAX_ATTEMPTS = 3
+# Idle upstream connections are dropped before the workers drop them (uvicorn and vLLM: 5 s), so a
+# request never lands on a connection the worker is closing.
+KEEPALIVE_S = 4.0
 
 
 def budget_from_headers(request: Request) -> Budget | None:
@@ -71,20 +82,13 @@ def route_headers(choice: Choice) -> dict[str, str]:
 class Gateway:
     """The request path: route, send with retries, relay, observe."""
 
-    def __init__(self, family: Family, pool: Pool, metrics: GatewayMetrics, tokenizer, timeout: float, live: bool):
-        self.family, self.pool, self.metrics, self.tokenizer = family, pool, metrics, tokenizer
-        self.timeout = httpx.Timeout(timeout, connect=2.0)
+    def __init__(self, family: Family, pool: Pool, metrics: GatewayMetrics, tokenizers: Tokenizers, timeout: float, live: bool):
+        self.family, self.pool, self.metrics, self.tokenizers = family, pool, metrics, tokenizers
+        # connect: 2 s; sock_read: the longest silence allowed from a worker (also between stream chunks).
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0, sock_read=timeout)
         self.live = live
 
-    def prompt_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
-        if isinstance(body, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = body.prompt
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def candidates(self, budget: Budget, pinned: str | None, p: int, o: int, tried: set[str], first_attempt: bool,
+    def candidates(self, budget: Budget, pinned: str | None, p: dict[str, int], o: int, tried: set[str], first_attempt: bool,
                    prompt_param: str) -> list[Choice]:
         result = route(self.family, self.pool, budget, prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, live=self.live)
         choices = result.choices
@@ -104,12 +108,13 @@ class Gateway:
             self.metrics.budget_misses.labels(member, "max_latency_ms").inc()
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None) -> Response:
-        p, o = self.prompt_tokens(body), body.resolved_max_tokens()
+        members = [pinned] if pinned else [m.name for m in self.family.servable]
+        p, o = self.tokenizers.count(body, members), body.resolved_max_tokens()
         prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         payload = body.model_dump(exclude_none=True, exclude={"budget"})
         tried: set[str] = set()
         first_member: str | None = None
-        last_429: httpx.Response | None = None
+        retry_after: str | None = None  # from the last worker that answered 429
         for attempt in range(MAX_ATTEMPTS):
             choices = self.candidates(budget, pinned, p, o, tried, attempt == 0, prompt_param)
             if not choices:
@@ -123,104 +128,118 @@ class Gateway:
             tried.add(w.name)
             payload["model"] = choice.member.name
             start = time.perf_counter()
-            w.in_flight += 1
-            self.metrics.in_flight.labels(w.name).set(w.in_flight)
+            self._enter(w)
             released = False
+            upstream: aiohttp.ClientResponse | None = None
             try:
-                req = self.pool.client.build_request("POST", f"{w.name}{path}", json=payload, headers=self.pool.headers(w), timeout=self.timeout)
-                upstream = await self.pool.client.send(req, stream=True)
-                if upstream.status_code >= 500 or upstream.status_code == 429:
-                    await upstream.aread()
-                    await upstream.aclose()
-                    if upstream.status_code == 429:
-                        last_429 = upstream
+                upstream = await self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(), headers=w.headers,
+                                                        timeout=self.timeout)
+                status = upstream.status
+                if status >= 500 or status == 429:
+                    await upstream.read()
+                    if status == 429:
+                        retry_after = upstream.headers.get("retry-after", "1")
                         self.metrics.retries.labels(w.name, "429").inc()
                     else:
-                        self.pool.fail(w, f"HTTP {upstream.status_code}")
+                        self.pool.fail(w, f"HTTP {status}")
                         self.metrics.retries.labels(w.name, "5xx").inc()
                     continue
-                if upstream.status_code != 200:  # the worker's own 4xx: the caller's mistake, pass it on
-                    content = await upstream.aread()
-                    await upstream.aclose()
-                    self.metrics.requests.labels(choice.member.name, w.name, f"http_{upstream.status_code}").inc()
-                    return Response(content, status_code=upstream.status_code, media_type="application/json", headers=route_headers(choice))
+                if status != 200:  # the worker's own 4xx: the caller's mistake, pass it on
+                    content = await upstream.read()
+                    self.metrics.requests.labels(choice.member.name, w.name, f"http_{status}").inc()
+                    return Response(content, status_code=status, media_type="application/json", headers=route_headers(choice))
                 if body.stream:
-                    first = await self._first_event(upstream)
-                    released = True  # the stream owns the in-flight count from here
-                    return StreamingResponse(self._relay(upstream, first, choice, budget, start), media_type="text/event-stream",
-                                             headers=route_headers(choice))
-                content = await upstream.aread()
-                await upstream.aclose()
-                e2e = time.perf_counter() - start
-                self._observe_whole(choice, content, e2e, budget)
+                    head, ttft = await self._head(upstream, start)
+                    released = True  # the relay owns the connection and the in-flight count from here
+                    return StreamingResponse(self._relay(upstream, head, ttft, choice, budget, start),
+                                             media_type="text/event-stream", headers=route_headers(choice))
+                content = await upstream.read()
+                self._observe_whole(choice, content, time.perf_counter() - start, budget)
                 return Response(content, media_type="application/json", headers=route_headers(choice))
-            except (httpx.TransportError, _UpstreamEnded) as exc:
-                self.pool.fail(w, f"{type(exc).__name__}")
+            except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
+                self.pool.fail(w, type(exc).__name__)
                 self.metrics.retries.labels(w.name, "connection").inc()
             finally:
                 if not released:
-                    w.in_flight -= 1
-                    self.metrics.in_flight.labels(w.name).set(w.in_flight)
-        if last_429 is not None:
+                    if upstream is not None:
+                        upstream.release()
+                    self._leave(w)
+        if retry_after is not None:
             raise APIError(429, "every worker that fits is at capacity; retry shortly", type="rate_limit_error", code="overloaded",
-                           headers={"Retry-After": last_429.headers.get("retry-after", "1")})
+                           headers={"Retry-After": retry_after})
         raise APIError(502, "no upstream worker could serve the request after retries", type="server_error", code="upstream_failed")
 
-    async def _first_event(self, upstream: httpx.Response) -> tuple[AsyncIterator[str], list[str]]:
-        """Read up to the first data line, so a worker that fails before its first token is retried."""
-        lines = upstream.aiter_lines()
-        head: list[str] = []
-        try:
-            async for line in lines:
-                if line:
-                    head.append(line)
-                if line.startswith("data:"):
-                    return lines, head
-        except httpx.HTTPError:
-            await upstream.aclose()
-            raise _UpstreamEnded from None
-        await upstream.aclose()
-        raise _UpstreamEnded
+    def _enter(self, w: WorkerState) -> None:
+        w.in_flight += 1
+        self.metrics.in_flight.labels(w.name).set(w.in_flight)
 
-    async def _relay(self, upstream: httpx.Response, first, choice: Choice, budget: Budget, start: float) -> AsyncIterator[str]:
-        lines, head = first
+    def _leave(self, w: WorkerState) -> None:
+        w.in_flight -= 1
+        self.metrics.in_flight.labels(w.name).set(w.in_flight)
+
+    async def _head(self, upstream: aiohttp.ClientResponse, start: float) -> tuple[list[bytes], float | None]:
+        """Read up to the first token (or the end), so a worker that fails before it is retried elsewhere."""
+        head: list[bytes] = []
+        while True:
+            line = (await upstream.content.readline()).strip()
+            if not line:
+                if upstream.content.at_eof():
+                    raise _UpstreamEnded
+                continue
+            head.append(line)
+            if _TOKEN.search(line):
+                return head, time.perf_counter() - start
+            if line == _DONE or line.startswith(b"data: {\"error\""):
+                return head, None
+
+    async def _relay(self, upstream: aiohttp.ClientResponse, head: list[bytes], ttft: float | None, choice: Choice,
+                     budget: Budget, start: float) -> AsyncIterator[bytes]:
         w, member = choice.worker, choice.member.name
-        ttft = last = None
-        chunks = 0
+        last = time.perf_counter() if ttft is not None else None
+        chunks = 1 if ttft is not None else 0
         outcome, done = "ok", False
+        if ttft is not None:
+            self.metrics.ttft.labels(member).observe(ttft)
         try:
             for line in head:
-                yield line + "\n\n"
-            async for line in lines:
+                done = done or line == _DONE
+                yield line + b"\n\n"
+            while not done:
+                line = (await upstream.content.readline()).strip()
                 if not line:
+                    if upstream.content.at_eof():
+                        raise _UpstreamEnded
                     continue
-                now = time.perf_counter()
-                if line == "data: [DONE]":
+                if line == _DONE:
                     done = True
-                elif '"content":"' in line or '"text":"' in line:
+                elif line.startswith(b"data: {\"error\""):
+                    outcome = "upstream_error"
+                elif _TOKEN.search(line):
+                    now = time.perf_counter()
                     if ttft is None:
                         ttft = now - start
                         self.metrics.ttft.labels(member).observe(ttft)
-                    elif last is not None:
+                    else:
                         self.metrics.itl.labels(member).observe(now - last)
                     last = now
                     chunks += 1
-                yield line + "\n\n"
-            if not done:
-                raise _UpstreamEnded
-        except (httpx.HTTPError, _UpstreamEnded):
+                yield line + b"\n\n"
+        except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
             outcome = "stream_error"
-            self.pool.fail(w, "stream ended early")
-            yield sse({"error": {"message": f"worker {w.name} failed mid-stream", "type": "server_error", "param": None, "code": "upstream_failed"}})
-            yield SSE_DONE
+            self.pool.fail(w, f"stream ended early ({type(exc).__name__})")
+            yield sse({"error": {"message": f"worker {w.name} failed mid-stream", "type": "server_error", "param": None,
+                                 "code": "upstream_failed"}}).encode()
+            yield SSE_DONE.encode()
         finally:
-            await upstream.aclose()
-            w.in_flight -= 1
-            self.metrics.in_flight.labels(w.name).set(w.in_flight)
+            if done:
+                upstream.release()
+            else:  # unfinished (worker died or the caller went away): drop the connection
+                upstream.close()
+            self._leave(w)
             e2e = time.perf_counter() - start
             self.metrics.e2e.labels(member).observe(e2e)
-            self.metrics.requests.labels(member, w.name, outcome).inc()
-            if outcome == "ok":
+            self.metrics.requests.labels(member, w.name, outcome if done or outcome != "ok" else "cancelled").inc()
+            if outcome == "ok" and done:
                 pred = choice.predicted
                 if pred is not None and ttft is not None and last is not None:
                     base_ttft = pred.ttft_s / w.ttft_ratio if self.live else pred.ttft_s
@@ -230,8 +249,6 @@ class Gateway:
                 self.check_budget(choice, budget, ttft, e2e)
 
     def _observe_whole(self, choice: Choice, content: bytes, e2e: float, budget: Budget) -> None:
-        import json
-
         w, member = choice.worker, choice.member.name
         self.metrics.e2e.labels(member).observe(e2e)
         self.metrics.requests.labels(member, w.name, "ok").inc()
@@ -252,24 +269,29 @@ class _UpstreamEnded(Exception):
     """The worker's stream ended before [DONE] (it died or closed the connection)."""
 
 
+_DONE = b"data: [DONE]"
+_TOKEN = re.compile(rb'"(?:content|text)":"[^"]')  # a chunk carrying generated text (not the empty role chunk)
+
+
 def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None = None, timeout: float = 120.0,
                health_interval: float = 2.0, live: bool = True) -> FastAPI:
     auth = auth or Auth()
     metrics = GatewayMetrics()
-    tokenizer = AutoTokenizer.from_pretrained(family.member_dir(family.registry.parent))
+    tokenizers = Tokenizers(family)  # once, at start-up
     state: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256), timeout=timeout)
-        pool = Pool(workers, client, metrics, interval=health_interval)
+        # One connection pool for every worker; keep-alive connections are reused across requests.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
+        pool = Pool(workers, session, metrics, interval=health_interval)
         await pool.start()
-        state["gateway"] = Gateway(family, pool, metrics, tokenizer, timeout, live)
+        state["gateway"] = Gateway(family, pool, metrics, tokenizers, timeout, live)
         try:
             yield
         finally:
             await pool.stop()
-            await client.aclose()
+            await session.close()
 
     app = FastAPI(title=f"family gateway: {family.registry.name}", lifespan=lifespan)
     install_error_handlers(app)

@@ -1,8 +1,8 @@
 """The upstream pool: every worker's health, load and observed speed, kept current in the background.
 
-Health: GET /health every `interval` seconds; a failure (or a connection error / 5xx on a real
-request) puts the worker in cooldown, doubling up to `max_cooldown`; it returns to rotation when a
-health check passes after the cooldown. Load: running and waiting requests read from the worker's
+Health: GET /health every `interval` seconds; a refused connection, two failed checks in a row, or a
+connection error / 5xx on a real request put the worker in cooldown, doubling up to `max_cooldown`;
+it returns to rotation when a health check passes after the cooldown. Load: running and waiting requests read from the worker's
 /metrics (vLLM's names, which both engines expose), plus the gateway's own in-flight count. Speed:
 an EWMA of observed/predicted time to first token and time per token, which corrects the registry's
 latency model for what this worker is doing right now.
@@ -11,17 +11,25 @@ latency model for what this worker is doing right now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
 
+log = logging.getLogger("server.pool")
+
 _GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{[^}]*\}\s+([0-9.eE+-]+)', re.M)
 EWMA = 0.3
+CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+FAILED_CHECKS = 2
+# What a dead, unreachable, slow or misbehaving upstream raises (aiohttp's timeouts are asyncio's too).
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ValueError)
 
 
 @dataclass
@@ -29,13 +37,20 @@ class WorkerState:
     spec: WorkerSpec
     healthy: bool = False
     cooldown_until: float = 0.0
-    failures: int = 0
+    failures: int = 0  # failures since it was last healthy (the cooldown doubles with each)
+    failed_checks: int = 0  # health checks failed in a row
     running: float = 0.0
     waiting: float = 0.0
     in_flight: int = 0
     ttft_ratio: float = 1.0  # observed / predicted
     tpot_ratio: float = 1.0
     last_error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # sent upstream with every request
+
+    def __post_init__(self) -> None:
+        self.headers = {"content-type": "application/json"}
+        if self.spec.api_key:
+            self.headers["authorization"] = f"Bearer {self.spec.api_key}"
 
     @property
     def name(self) -> str:
@@ -68,19 +83,19 @@ def _clamp(x: float) -> float:
 
 
 class Pool:
-    def __init__(self, specs: list[WorkerSpec], client: httpx.AsyncClient, metrics: GatewayMetrics,
+    def __init__(self, specs: list[WorkerSpec], session: aiohttp.ClientSession | None, metrics: GatewayMetrics,
                  interval: float = 2.0, base_cooldown: float = 2.0, max_cooldown: float = 60.0):
         self.workers = [WorkerState(s) for s in specs]
-        self.client = client
+        self._by_member: dict[str, list[WorkerState]] = {}
+        for w in self.workers:
+            self._by_member.setdefault(w.spec.member, []).append(w)
+        self.session = session
         self.metrics = metrics
         self.interval, self.base_cooldown, self.max_cooldown = interval, base_cooldown, max_cooldown
         self._task: asyncio.Task | None = None
 
     def for_member(self, member: str) -> list[WorkerState]:
-        return [w for w in self.workers if w.spec.member == member]
-
-    def headers(self, w: WorkerState) -> dict[str, str]:
-        return {"Authorization": f"Bearer {w.spec.api_key}"} if w.spec.api_key else {}
+        return self._by_member.get(member, [])
 
     def fail(self, w: WorkerState, reason: str) -> None:
         """A failed request or check: out of rotation for a growing cooldown."""
@@ -91,18 +106,22 @@ class Pool:
 
     async def check(self, w: WorkerState) -> None:
         try:
-            r = await self.client.get(f"{w.name}/health", headers=self.headers(w), timeout=2.0)
-            if r.status_code != 200:
-                raise httpx.HTTPStatusError(f"health {r.status_code}", request=r.request, response=r)
-            m = await self.client.get(f"{w.name}/metrics", headers=self.headers(w), timeout=2.0)
-            if m.status_code == 200:
-                values = {k: float(v) for k, v in _GAUGE.findall(m.text)}
-                w.running = values.get("vllm:num_requests_running", 0.0)
-                w.waiting = values.get("vllm:num_requests_waiting", 0.0)
-        except (httpx.HTTPError, ValueError) as exc:
-            w.healthy = False
-            self.fail(w, f"health check failed: {type(exc).__name__}")
+            async with self.session.get(f"{w.name}/health", headers=w.headers, timeout=CHECK_TIMEOUT) as r:
+                if r.status != 200:
+                    raise ValueError(f"HTTP {r.status}")
+            async with self.session.get(f"{w.name}/metrics", headers=w.headers, timeout=CHECK_TIMEOUT) as m:
+                text = await m.text() if m.status == 200 else ""
+            values = {k: float(v) for k, v in _GAUGE.findall(text)}
+            w.running = values.get("vllm:num_requests_running", 0.0)
+            w.waiting = values.get("vllm:num_requests_waiting", 0.0)
+        except UPSTREAM_ERRORS as exc:
+            w.failed_checks += 1
+            # Refused: the worker is gone. Slow or erroring: out after FAILED_CHECKS in a row, not one blip.
+            if isinstance(exc, aiohttp.ClientConnectorError) or w.failed_checks >= FAILED_CHECKS or not w.healthy:
+                w.healthy = False
+                self.fail(w, f"health check failed: {type(exc).__name__} {exc}".strip())
             return
+        w.failed_checks = 0
         if time.monotonic() >= w.cooldown_until:
             w.healthy, w.failures, w.last_error = True, 0, None
             self.metrics.worker_up.labels(w.name, w.spec.member).set(1)
@@ -113,7 +132,10 @@ class Pool:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # never let the health loop die
+                log.exception("health check round failed")
 
     async def start(self) -> None:
         await self.check_all()
@@ -122,3 +144,5 @@ class Pool:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

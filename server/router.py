@@ -13,6 +13,7 @@ the lowest predicted latency. `live=False` ignores load and observations: the st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from family.latency import LatencyPrediction, predict_latency
@@ -90,11 +91,18 @@ def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Bu
     return None
 
 
+PromptTokens = int | Mapping[str, int]  # one count for all members, or each member's own (its tokenizer's)
+
+
+def _tokens(prompt_tokens: PromptTokens, member: str) -> int:
+    return prompt_tokens if isinstance(prompt_tokens, int) else prompt_tokens[member]
+
+
 def route(
-    family: Family, pool: Pool, budget: Budget, *, prompt_tokens: int, max_tokens: int, pinned: str | None = None,
+    family: Family, pool: Pool, budget: Budget, *, prompt_tokens: PromptTokens, max_tokens: int, pinned: str | None = None,
     exclude: set[str] = frozenset(), live: bool = True,
 ) -> RouteResult:
-    """Every (member, worker) that fits, best first, and for the rest why not."""
+    """Every (member, worker) that fits, best first, and for the rest why not. O(members × workers)."""
     members = [family.registry.member(pinned)] if pinned else family.servable
     result = RouteResult()
     fits: list[tuple[tuple, float, Choice]] = []
@@ -103,10 +111,11 @@ def route(
         if not workers:
             result.refused.append(Verdict(m.name, "unavailable", "no healthy worker", float("inf")))
             continue
+        p = _tokens(prompt_tokens, m.name)
         best_verdict = None
         for w in workers:
-            verdict = _static_verdict(m, w, budget, prompt_tokens, max_tokens)
-            pred = _predict(m, w, prompt_tokens, max_tokens, live) if verdict is None else None
+            verdict = _static_verdict(m, w, budget, p, max_tokens)
+            pred = _predict(m, w, p, max_tokens, live) if verdict is None else None
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
@@ -120,7 +129,7 @@ def route(
     return result
 
 
-def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_tokens: int, max_tokens: int,
+def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_tokens: PromptTokens, max_tokens: int,
                 exclude: set[str] = frozenset(), live: bool = True) -> list[Choice]:
     """When nothing fits and the caller allows it: the members closest to fitting, closest first
     (never one whose context is too short, which cannot work at all)."""
@@ -131,7 +140,7 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            out.append(Choice(m, w, _predict(m, w, prompt_tokens, max_tokens, live), "best_effort"))
+            out.append(Choice(m, w, _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live), "best_effort"))
     return out
 
 

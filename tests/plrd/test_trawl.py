@@ -46,3 +46,22 @@ def test_parsers_refuse_bad_specs():
         parse_modules("ffn")
     with pytest.raises(FamilyError, match="--rank"):
         parse_rank("1,2")
+
+
+def test_the_trawl_command_writes_a_member_that_transformers_loads(tiny_parent_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from family.cli import _register, app
+
+    _register()
+    out = tmp_path / "trawled"
+    args = ["trawl", "--model", str(tiny_parent_dir), "--out", str(out), "--decomposition", "tucker", "--rank", "16",
+            "--strategy", "cross-layer", "--modules", "mlp", "--layers", "last:2", "--mode", "compress"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["method"] == "trawl-tucker-compress" and prov["parameters"] < prov["source_parameters"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, LowRankLlamaForCausalLM) and len(model.config.ranks) == 6

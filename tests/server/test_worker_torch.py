@@ -23,6 +23,13 @@ def worker(tiny_member_dir):
         yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
 def _reference(member_dir, prompt_ids: list[int], n: int) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -63,6 +70,52 @@ def test_chat_streaming_matches_non_streaming_and_reports_usage(worker):
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [whole.choices[0].finish_reason]
+
+
+def test_streaming_completions_match_non_streaming(worker):
+    url, client = worker
+    whole = client.completions.create(model="tiny-p70", prompt="In 1905 the", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(
+        model="tiny-p70", prompt="In 1905 the", max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert len(pieces) > 3  # token by token, not one blob at the end
+    assert "".join(pieces) == whole.choices[0].text
+    assert chunks[-1].usage == whole.usage and not chunks[-1].choices
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    if whole.choices[0].finish_reason == "length":
+        assert whole.usage.completion_tokens == 20
+
+
+def test_chat_usage_counts_the_templated_prompt(worker, tiny_member_dir):
+    url, client = worker
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    got = client.chat.completions.create(model="tiny-p70", messages=messages, max_tokens=5, temperature=0)
+    tok = AutoTokenizer.from_pretrained(tiny_member_dir)
+    flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ids = tok(tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert got.usage.prompt_tokens == len(ids)
+    assert got.choices[0].message.role == "assistant"
+
+
+def test_a_request_arriving_mid_generation_joins_the_running_batch(worker):
+    """Continuous batching: a short request sent while a long one decodes finishes first, and neither
+    answer changes (the long one's cache is re-padded when the newcomer joins and trimmed when it leaves)."""
+    url, client = worker
+    long_kw = dict(model="tiny-p70", prompt="Rivers of the north", max_tokens=200, temperature=0, extra_body={"ignore_eos": True})
+    short_kw = dict(model="tiny-p70", prompt="She said that the old tower", max_tokens=4, temperature=0)
+    long_alone = client.completions.create(**long_kw).choices[0].text
+    short_alone = client.completions.create(**short_kw).choices[0].text
+    stream = client.completions.create(**long_kw, stream=True)
+    received, short, running_after_short = [], None, None
+    for chunk in stream:
+        received.append(chunk.choices[0].text)
+        if len(received) == 5:
+            short = client.completions.create(**short_kw)
+            running_after_short = _gauge(url, "vllm:num_requests_running")
+    assert running_after_short == 1.0  # the long request was still decoding when the short one was answered
+    assert short.choices[0].text == short_alone
+    assert "".join(received) == long_alone
 
 
 def test_stop_sequences_cut_the_output(worker):

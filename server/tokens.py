@@ -1,0 +1,72 @@
+"""Prompt lengths for routing, counted with each member's own tokenizer, loaded once at start-up.
+
+Members cut from one parent usually keep its tokenizer: members whose tokenizers are identical
+(same vocabulary, rules and chat template) share one, and a request's prompt is tokenized once per distinct tokenizer. A
+member folder without tokenizer files uses the parent's. Counting uses the fast (Rust) tokenizer
+directly; chat prompts are rendered with the tokenizer's chat template first, as the worker does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from transformers import AutoTokenizer
+
+from family.registry import Family
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _fingerprint(tokenizer) -> str:
+    """What decides a prompt's token count: the vocabulary and rules, and the chat template."""
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    rules = fast.to_str() if fast is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{rules}\0{getattr(tokenizer, 'chat_template', None)}".encode()).hexdigest()
+
+
+class Tokenizers:
+    def __init__(self, family: Family):
+        loaded: dict[str, object] = {}
+        self._key: dict[str, str] = {}
+        parent_dir = family.member_dir(family.registry.parent)
+        for m in family.servable:
+            folder = family.member_dir(m.name)
+            if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                folder = parent_dir
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            key = _fingerprint(tokenizer)
+            loaded.setdefault(key, tokenizer)  # identical tokenizers: keep one
+            self._key[m.name] = key
+        self._tokenizers = loaded
+
+    @property
+    def distinct(self) -> int:
+        return len(self._tokenizers)
+
+    def count(self, body: ChatCompletionRequest | CompletionRequest, members: Iterable[str]) -> dict[str, int]:
+        """Prompt tokens of `body` for each member, tokenizing once per distinct tokenizer."""
+        by_key: dict[str, int] = {}
+        out = {}
+        for name in members:
+            key = self._key[name]
+            if key not in by_key:
+                by_key[key] = count_tokens(self._tokenizers[key], body)
+            out[name] = by_key[key]
+        return out
+
+
+def count_tokens(tokenizer, body: ChatCompletionRequest | CompletionRequest) -> int:
+    if isinstance(body, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+    else:
+        text = body.prompt
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:
+        return len(fast.encode(text, add_special_tokens=False).ids)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])

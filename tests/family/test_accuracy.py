@@ -1,0 +1,152 @@
+"""Perplexity, agreement and KL on a tiny model, and `family eval` storing them in the registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from family import defaults
+from family.accuracy import agreement, evaluate, perplexity
+from family.errors import FamilyError
+from family.registry import load_family, read_registry
+from family.storage import sha256_file
+from plrd.data import tokenize
+from tests.family.test_registry_api import build_tiny_family
+
+SEQ, WINDOWS = 64, 6
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_parent_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_parent_dir)
+    return tokenize(tok, defaults.EVAL_TEXT.read_text(encoding="utf-8")[:20_000])
+
+
+@pytest.fixture(scope="module")
+def models(tiny_parent_dir):
+    from plrd.factorize import count_parameters, factorize
+
+    parent = AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.float32).eval()
+    twin = AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.float32).eval()  # same weights, other object
+    member = factorize(parent, 0.5, count_parameters(parent), grams=None, allocation="uniform", progress=False).eval()
+    return parent, twin, member
+
+
+def test_perplexity_is_finite_and_matches_the_models_own_loss(models, ids):
+    parent, _, _ = models
+    ppl = perplexity(parent, ids, seq_len=SEQ, max_windows=WINDOWS, batch_size=4, progress=False)
+    assert 1.0 < ppl < 1e6 and math.isfinite(ppl)
+    # The same figure from transformers' loss (mean over the windows' shifted targets).
+    rows = ids[: SEQ * WINDOWS].view(WINDOWS, SEQ)
+    with torch.no_grad():
+        loss = parent(input_ids=rows, labels=rows).loss.item()
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
+    # Batching does not change the figure.
+    assert perplexity(parent, ids, seq_len=SEQ, max_windows=WINDOWS, batch_size=1, progress=False) == pytest.approx(ppl, rel=1e-5)
+
+
+def test_parent_agrees_with_itself_and_a_truncated_member_does_not(models, ids):
+    parent, twin, member = models
+    top1, kl = agreement(parent, parent, ids, seq_len=SEQ, max_windows=WINDOWS, progress=False)
+    assert top1 == 1.0 and kl == pytest.approx(0.0, abs=1e-6)
+    top1, kl = agreement(parent, twin, ids, seq_len=SEQ, max_windows=WINDOWS, progress=False)  # computed, not short-cut
+    assert top1 == 1.0 and kl == pytest.approx(0.0, abs=1e-5)
+    top1, kl = agreement(parent, member, ids, seq_len=SEQ, max_windows=WINDOWS, progress=False)
+    assert 0.0 <= top1 < 1.0 and kl > 1e-4
+
+
+def test_evaluate_many_members_shares_the_parent_pass(models, ids):
+    parent, _, member = models
+    calls = {"n": 0}
+    hook = parent.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        scores = evaluate({"p": parent, "m": member}, parent, ids, seq_len=SEQ, max_windows=WINDOWS, batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    assert calls["n"] == 2  # one parent forward per batch of windows (6 windows / 3), none extra for "p"
+    assert scores["p"].top1_agreement == 1.0 and scores["p"].tokens == WINDOWS * (SEQ - 1)
+    assert scores["m"].perplexity > scores["p"].perplexity * 0.5 and scores["m"].top1_agreement < 1.0
+
+
+def test_too_little_text_is_an_error(models):
+    with pytest.raises(ValueError, match="not one window"):
+        perplexity(models[0], torch.arange(10), seq_len=SEQ, progress=False)
+
+
+@pytest.fixture(scope="module")
+def family_root(tiny_parent_dir, tmp_path_factory):
+    return build_tiny_family(tiny_parent_dir, tmp_path_factory.mktemp("evalfam"), fractions=(0.6,))
+
+
+def _cli(args):
+    """Run `family ARGS` in-process (sys.argv as the shell would set it: the command is recorded)."""
+    import sys
+    from unittest import mock
+
+    from family.cli import _register, app
+
+    _register()
+    with mock.patch.object(sys, "argv", ["family", *args]):
+        return CliRunner().invoke(app, args)
+
+
+def test_family_eval_stores_plausible_records(family_root):
+    args = ["eval", "--family", str(family_root), "--windows", "4", "--seq-len", "64", "--batch-size", "2"]
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    reg = read_registry(family_root)
+    p100, p60 = reg.member("tiny-p100"), reg.member("tiny-p60")
+    assert p100.quality == 1.0 and p100.metric("top1_agreement") == 1.0 and p100.metric("mean_kl") == pytest.approx(0, abs=1e-6)
+    assert 0 <= p60.quality < 1.0 and p60.metric("mean_kl") > 0
+    for m in (p100, p60):
+        ppl = m.metric("perplexity")
+        assert 1 < ppl < 1e6 and math.isfinite(ppl)
+        assert {r.metric for r in m.accuracy} == {"perplexity", "top1_agreement", "mean_kl"}
+        for r in m.accuracy:
+            assert r.data == str(defaults.EVAL_TEXT) and r.data_sha256 == sha256_file(defaults.EVAL_TEXT)
+            assert r.tokens == 4 * 63 and r.command.startswith("family ") and "--windows 4" in r.command
+    assert p60.accuracy[1].reference == "tiny-p100"
+    # --skip-measured resumes: nothing is measured twice.
+    again = _cli(args + ["--skip-measured"])
+    assert again.exit_code == 0 and "already measured" in again.output
+    assert len(read_registry(family_root).member("tiny-p60").accuracy) == 3
+    # Without lm-eval (or its data) the tasks are skipped with the reason, never faked.
+    lm = _cli(args + ["--member", "tiny-p60", "--lm-eval-tasks", "boolq", "--skip-measured"])
+    assert lm.exit_code == 0
+    assert "lm-eval" in lm.output and "skipped" in lm.output
+    assert not any(r.metric.startswith("lm_eval:") for r in read_registry(family_root).member("tiny-p60").accuracy)
+
+
+def test_interrupted_eval_keeps_what_was_measured(tiny_parent_dir, tmp_path, monkeypatch):
+    root = build_tiny_family(tiny_parent_dir, tmp_path / "fam", fractions=(0.8, 0.6))
+    import family.accuracy
+
+    real, seen = family.accuracy.evaluate, []
+
+    def flaky(members, *a, **kw):
+        seen.append(next(iter(members)))
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third member
+        return real(members, *a, **kw)
+
+    monkeypatch.setattr(family.accuracy, "evaluate", flaky)
+    result = _cli(["eval", "--family", str(root), "--windows", "2", "--seq-len", "32"])
+    assert result.exit_code != 0
+    reg = read_registry(root)
+    done = [m.name for m in reg.members if m.metric("perplexity") is not None]
+    assert seen[0] == "tiny-p100" and done == seen[:2]  # parent first, then one member, both saved
+    assert reg.member(seen[2]).accuracy == []
+
+
+def test_eval_errors_are_family_errors(family_root):
+    result = _cli(["eval", "--family", str(family_root), "--member", "nope"])
+    assert isinstance(result.exception, FamilyError) and "no member named 'nope'" in str(result.exception)
+    short = family_root / "short.txt"
+    short.write_text("a few words only")
+    result = _cli(["eval", "--family", str(family_root), "--data", str(short)])
+    assert isinstance(result.exception, FamilyError) and "not one window" in str(result.exception)
+    assert load_family(family_root).problems == {}

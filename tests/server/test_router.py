@@ -1,0 +1,161 @@
+"""Budget routing on an in-memory registry: which member and which worker, and why not the others.
+
+No HTTP here: the router is a pure function of the registry, the pool's live state and the budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from family.registry import AccuracyRecord, Family, FamilyRegistry, LatencyProfile, MemberRecord
+from server.fleet import WorkerSpec
+from server.metrics import GatewayMetrics
+from server.pool import Pool
+from server.protocol import Budget
+from server.router import best_effort, no_fit_error, route
+
+GB = 10**9
+
+
+def _member(name: str, params: int, quality: float | None, ttft: float | None, tpot: float = 0.01, *, ppl: float = 20.0,
+            peak_gb: float | None = None, max_len: int = 2048, is_parent: bool = False) -> MemberRecord:
+    m = MemberRecord(name=name, path=name, architecture="LlamaForCausalLM", is_parent=is_parent, parameters=params,
+                     bytes={"float32": params * 4}, max_model_len=max_len, files={})
+    if quality is not None and not is_parent:
+        m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=quality, data="test"))
+    m.accuracy.append(AccuracyRecord(metric="perplexity", value=ppl, data="test"))
+    if ttft is not None:
+        coef = {"a0": ttft, "a1": 0.0, "a2": 0.0, "a3": 0.05, "b0": tpot, "b1": 0.0, "b2": 0.0}  # a3: +50 ms per queued request
+        m.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", latency_model=coef,
+                                          peak_memory_bytes=int(peak_gb * GB) if peak_gb else None)
+    return m
+
+
+@pytest.fixture
+def family() -> Family:
+    members = [
+        _member("f-p100", 1_000_000_000, 1.0, ttft=0.400, tpot=0.040, ppl=20, is_parent=True),  # 4 GB of fp32 weights
+        _member("f-p80", 800_000_000, 0.9, ttft=0.150, tpot=0.020, ppl=24, peak_gb=2.5),  # measured peak overrides bytes
+        _member("f-p60", 600_000_000, 0.7, ttft=0.030, tpot=0.005, ppl=35),
+        _member("f-p40", 400_000_000, 0.5, ttft=None, ppl=80, max_len=64),  # never profiled, short context
+    ]
+    return Family(Path("/nonexistent"), FamilyRegistry(name="f", parent="f-p100", members=members), problems={})
+
+
+def _pool(members_workers: dict[str, int]) -> Pool:
+    specs = [WorkerSpec(url=f"http://127.0.0.1:{9000 + i * 10 + k}", member=m, device_class="cpu")
+             for i, (m, n) in enumerate(members_workers.items()) for k in range(n)]
+    pool = Pool(specs, None, GatewayMetrics())
+    for w in pool.workers:
+        w.healthy = True
+    return pool
+
+
+ALL = {"f-p100": 1, "f-p80": 1, "f-p60": 1, "f-p40": 1}
+
+
+def _best(family, pool, budget: dict, prompt=10, out=8, **kw) -> str | None:
+    r = route(family, pool, Budget(**budget), prompt_tokens=prompt, max_tokens=out, **kw)
+    return r.choices[0].member.name if r.choices else None
+
+
+# max_tokens 8: e2e = ttft + 7·tpot → p100 680 ms, p80 290 ms, p60 65 ms; p40 unknown.
+@pytest.mark.parametrize("budget, expect", [
+    ({}, "f-p100"),
+    ({"max_ttft_ms": 400}, "f-p100"),
+    ({"max_ttft_ms": 399}, "f-p80"),
+    ({"max_latency_ms": 300}, "f-p80"),
+    ({"max_latency_ms": 100}, "f-p60"),
+    ({"max_latency_ms": 10}, None),
+    ({"max_memory_gb": 3.0}, "f-p80"),  # p100 needs 4 GB (weights), p80 2.5 GB (its measured peak)
+    ({"max_memory_gb": 2.45}, "f-p60"),  # p60: 2.4 GB of weights
+    ({"max_memory_gb": 2.0}, "f-p40"),  # p40: 1.6 GB
+    ({"max_memory_gb": 1.0}, None),
+    ({"min_accuracy": 0.95}, "f-p100"),
+    ({"min_accuracy": 0.6, "max_memory_gb": 3.0}, "f-p80"),
+    ({"min_accuracy": 0.8, "max_latency_ms": 100}, None),
+])
+def test_the_most_accurate_member_within_budget(family, budget, expect):
+    assert _best(family, _pool(ALL), budget) == expect
+
+
+def test_an_unprofiled_member_fits_only_budgets_without_latency_limits(family):
+    pool = _pool({"f-p40": 1})
+    assert _best(family, pool, {}) == "f-p40"
+    result = route(family, pool, Budget(max_ttft_ms=10_000), prompt_tokens=10, max_tokens=8)
+    (verdict,) = [v for v in result.refused if v.member == "f-p40"]
+    assert not result.choices and verdict.constraint == "max_ttft_ms" and "never profiled" in verdict.detail
+    # ... unless the caller allows best effort.
+    assert best_effort(family, pool, result, prompt_tokens=10, max_tokens=8)[0].member.name == "f-p40"
+
+
+def test_context_length_uses_each_members_prompt_count_and_is_never_best_effort(family):
+    pool = _pool({"f-p40": 1, "f-p60": 1})
+    assert _best(family, pool, {}, prompt={"f-p40": 60, "f-p60": 60}, out=8) == "f-p60"
+    assert _best(family, pool, {}, prompt={"f-p40": 50, "f-p60": 60}, out=8) == "f-p60"  # quality first
+    assert _best(family, _pool({"f-p40": 1}), {}, prompt={"f-p40": 57}, out=8) is None  # 65 > 64
+    assert _best(family, _pool({"f-p40": 1}), {}, prompt={"f-p40": 56}, out=8) == "f-p40"
+    r = route(family, _pool({"f-p40": 1}), Budget(allow_best_effort=True), prompt_tokens=60, max_tokens=8)
+    assert not r.choices and not best_effort(family, _pool({"f-p40": 1}), r, prompt_tokens=60, max_tokens=8)
+    err = no_fit_error(r, Budget(), None, "prompt")
+    assert err.status_code == 400 and err.code == "context_length_exceeded" and err.param == "prompt"
+
+
+def test_queue_depth_moves_requests_to_the_idle_worker_then_to_a_smaller_member(family):
+    pool = _pool({"f-p80": 2, "f-p60": 1})
+    busy, idle = pool.for_member("f-p80")
+    busy.running, busy.waiting = 2, 3  # +5 queued → ttft 150 + 250 ms
+    r = route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8)
+    assert r.choices[0].worker is idle
+    idle.in_flight = 4  # the gateway's own count counts too
+    assert _best(family, pool, {"max_ttft_ms": 300}) == "f-p60"
+    # The static table (live=False) ignores load: the baseline the live router is compared with.
+    assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, live=False).choices[0].member.name == "f-p80"
+
+
+def test_observed_slowness_corrects_the_prediction(family):
+    pool = _pool({"f-p80": 2})
+    slow, fast = pool.for_member("f-p80")
+    for _ in range(10):  # this worker keeps answering 3x slower than the registry predicts
+        slow.observe(0.150, 0.450, 0.020, 0.060)
+    assert slow.ttft_ratio == pytest.approx(3.0, rel=0.1) and slow.tpot_ratio == pytest.approx(3.0, rel=0.1)
+    r = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8)
+    assert r.choices[0].worker is fast
+    assert r.choices[1].predicted.ttft_s == pytest.approx(3 * r.choices[0].predicted.ttft_s, rel=0.1)
+    fast.ttft_ratio = 3.0
+    assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
+
+
+def test_unavailable_workers_and_excluded_ones_are_skipped(family):
+    pool = _pool({"f-p100": 2, "f-p80": 1})
+    a, b = pool.for_member("f-p100")
+    a.healthy = False
+    assert route(family, pool, Budget(), prompt_tokens=10, max_tokens=8).choices[0].worker is b
+    r = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8, exclude={b.name})
+    assert r.choices[0].member.name == "f-p80"  # the next member: a fallback
+    r = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p100", exclude={b.name})
+    assert not r.choices
+    err = no_fit_error(r, Budget(), "f-p100")
+    assert err.status_code == 503 and err.headers["Retry-After"]
+
+
+def test_no_fit_names_the_failed_constraint_and_the_closest_member(family):
+    r = route(family, _pool(ALL), Budget(max_latency_ms=50), prompt_tokens=10, max_tokens=8)
+    err = no_fit_error(r, Budget(max_latency_ms=50), None)
+    assert err.status_code == 422 and err.type == "budget_error" and err.param == "budget.max_latency_ms"
+    assert "f-p60" in err.message  # 65 ms: the closest
+    assert [c.member.name for c in best_effort(family, _pool(ALL), r, prompt_tokens=10, max_tokens=8)][0] == "f-p60"
+
+
+def test_ties_on_quality_go_to_lower_perplexity_then_smaller(family):
+    fam = family
+    for m in fam.registry.members:
+        m.accuracy = [a for a in m.accuracy if a.metric != "top1_agreement"]
+        if not m.is_parent:
+            m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=0.8, data="test"))
+    fam.registry.member("f-p60").accuracy.append(AccuracyRecord(metric="perplexity", value=22.0, data="test"))
+    assert _best(fam, _pool({"f-p80": 1, "f-p60": 1}), {}) == "f-p60"  # 22 < 24
+    fam.registry.member("f-p60").accuracy.append(AccuracyRecord(metric="perplexity", value=24.0, data="test"))
+    assert _best(fam, _pool({"f-p80": 1, "f-p60": 1}), {}) == "f-p60"  # same perplexity: the smaller
