@@ -33,7 +33,7 @@ import family  # noqa: F401  (registers the low-rank architecture)
 from family import defaults
 from plrd.calibrate import collect_grams
 from plrd.data import pack, read_source, tokenize
-from plrd.evaluate import perplexity
+from family.accuracy import perplexity
 from plrd.factorize import count_parameters, factorize, spectra
 from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent

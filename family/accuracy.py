@@ -16,9 +16,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from family.errors import FamilyError
 
-def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+
+def windows(ids: torch.Tensor, seq_len: int = 512, max_windows: int | None = 40) -> torch.Tensor:
+    """The first `max_windows` non-overlapping windows of `seq_len` tokens (all of them when None).
+
+    Evaluation always reads the start of the text, unshuffled, so that figures are comparable between
+    members, runs and papers.
+    """
     rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    if len(rows) == 0:
+        raise FamilyError(f"not enough text for one evaluation window of {seq_len} tokens ({len(ids)} tokens)")
     return rows if max_windows is None else rows[:max_windows]
 
 
@@ -57,8 +66,7 @@ def evaluate(
 ) -> dict[str, Scores]:
     """Perplexity of each member, and its agreement with `parent` (when given), on the same windows."""
     rows = windows(ids, seq_len, max_windows)
-    if len(rows) == 0:
-        raise ValueError(f"the text has {len(ids)} tokens: not one window of {seq_len}")
+    device = next(iter(members.values())).parameters().__next__().device
     nll = {n: 0.0 for n in members}
     agree = {n: 0 for n in members}
     kl = {n: 0.0 for n in members}
@@ -67,7 +75,7 @@ def evaluate(
     bar = tqdm(total=rows.numel() * len(members), unit="tok", unit_scale=True, desc=desc, disable=not progress)
     start = time.perf_counter()
     for b in range(0, len(rows), batch_size):
-        batch = rows[b : b + batch_size]
+        batch = rows[b : b + batch_size].to(device)
         targets = batch[:, 1:].reshape(-1)
         ref = None
         if parent is not None:

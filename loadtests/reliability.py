@@ -123,7 +123,15 @@ class Load:
             t.start()
         return self
 
+    def join(self, timeout: float | None = None) -> list[Result]:
+        """Wait until every caller is done (its count or `max_s` reached), at most max_s + `timeout`."""
+        deadline = self.t0 + self.max_s + (150 if timeout is None else timeout)
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.perf_counter()))
+        return self.results
+
     def stop(self, join_s: float = 150) -> list[Result]:
+        """Stop starting requests; wait for the ones in flight."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=join_s)
@@ -195,7 +203,7 @@ def kill_worker(family_dir: Path, device_class: str, out: Path, *, fleet: Proces
         st = [r for r in results if r.stream]
         during = [r for r in results if t_kill <= r.t <= t_back + 2]
         checks = {
-            "load_ran": len(results) >= 2 * threads,
+            "load_ran": len(results) >= threads,
             "no_non_streamed_lost": all(r.status == 200 and r.exception is None for r in ns),
             "streams_end_cleanly": all(r.exception is None and (r.status != 200 or r.done) for r in st),
             "streams_not_rejected": all(r.status == 200 for r in st),
@@ -231,7 +239,7 @@ def slow_worker(family_dir: Path, device_class: str, out: Path, *, fleet: Proces
         fast = next(w for w in fleet.procs if w.conf.member == parent and not w.conf.slow)
         body = {"model": fname, "prompt": "A short history of the river", "max_tokens": max_tokens, "ignore_eos": True}
         per_thread = max(1, requests_n // threads)
-        results = Load(fleet.url, body, threads=threads, max_s=max_s, max_requests=per_thread).start().stop()
+        results = Load(fleet.url, body, threads=threads, max_s=max_s, max_requests=per_thread).start().join()
         results.sort(key=lambda r: r.t)
         warm = results[threads:]  # the first round has no observations to go by
         on_slow = [r for r in warm if r.worker == slow.url]
@@ -262,7 +270,7 @@ def slow_worker(family_dir: Path, device_class: str, out: Path, *, fleet: Proces
 
 
 def full_queue(family_dir: Path, device_class: str, out: Path, *, fleet: ProcessFleet | None = None, member: str | None = None,
-               burst: int = 12, max_tokens: int = 48, fast_429_s: float = 5.0, retry_rounds: int = 30, max_s: float = 120) -> dict:
+               burst: int = 12, max_tokens: int = 48, fast_429_s: float = 5.0, retry_rounds: int = 500, max_s: float = 150) -> dict:
     """A member whose only worker has one batch slot and one queue slot; a burst of pinned requests."""
     family_dir = Path(family_dir)
     _, _, others = _names(family_dir)

@@ -27,7 +27,7 @@ def fetch_base(
 def build(
     parent: str = typer.Option(str(defaults.DEFAULT_PARENT_DIR), help="parent: HF model folder, .gguf file or hub id"),
     targets: str = typer.Option("0.9,0.8,0.7", help="fractions of the parent's parameters, strictly decreasing"),
-    calib: str = typer.Option(str(defaults.CALIB_TEXT), help="calibration/healing text: file, file.jsonl[:field] or hf:name"),
+    calib: str = typer.Option(str(defaults.CALIB_TEXT), help="calibration/healing text: file.txt, file.jsonl[:field] or hf:owner/name[/config][:split][#field]"),
     heal_tokens: int = typer.Option(0, help="healing token budget per member (0 = no healing)"),
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),

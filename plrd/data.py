@@ -6,8 +6,8 @@ A source is named by one string so that it fits a CLI flag and a provenance reco
   `read_source(spec, field=...)` / `--calib-field` name it too);
 - `hf:name[/config][:split][#field]`: a Hugging Face dataset, where `datasets` is installed and reachable.
 The text is tokenized once and cut into fixed-length sequences (packing, no padding): `pack` for
-calibration and healing (a number of sequences or a token budget, drawn repeatably with a seed),
-`eval_windows` for evaluation (always the first N windows, so every member sees the same text).
+calibration and healing (a number of sequences or a token budget, drawn repeatably with a seed);
+evaluation windows are `family.accuracy.windows`.
 """
 
 from __future__ import annotations
@@ -116,15 +116,3 @@ def pack(
         picks = order[torch.arange(num_sequences) % len(rows)]  # repeat rows if asked for more than exist
         return rows[picks]
     return rows[torch.arange(num_sequences) % len(rows)]
-
-
-def eval_windows(ids: torch.Tensor, seq_len: int = 512, max_windows: int | None = 40) -> torch.Tensor:
-    """The first `max_windows` non-overlapping windows of `seq_len` tokens (all of them when None).
-
-    Evaluation always reads the start of the text, unshuffled, so that figures are comparable between
-    members, runs and papers (DESIGN.md: 25.6 for SmolLM2-135M over the first 40 windows of 512).
-    """
-    rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
-    if len(rows) == 0:
-        raise FamilyError(f"not enough text for one evaluation window of {seq_len} tokens ({len(ids)} tokens)")
-    return rows if max_windows is None else rows[:max_windows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from family import defaults
-from family.accuracy import agreement, evaluate, perplexity
+from family.accuracy import agreement, evaluate, perplexity, windows
 from family.errors import FamilyError
 from family.registry import load_family, read_registry
 from family.storage import sha256_file
@@ -73,7 +74,7 @@ def test_evaluate_many_members_shares_the_parent_pass(models, ids):
 
 
 def test_too_little_text_is_an_error(models):
-    with pytest.raises(ValueError, match="not one window"):
+    with pytest.raises(FamilyError, match="not enough text"):
         perplexity(models[0], torch.arange(10), seq_len=SEQ, progress=False)
 
 
@@ -148,5 +149,38 @@ def test_eval_errors_are_family_errors(family_root):
     short = family_root / "short.txt"
     short.write_text("a few words only")
     result = _cli(["eval", "--family", str(family_root), "--data", str(short)])
-    assert isinstance(result.exception, FamilyError) and "not one window" in str(result.exception)
+    assert isinstance(result.exception, FamilyError) and "not enough text" in str(result.exception)
     assert load_family(family_root).problems == {}
+
+
+class Constant(torch.nn.Module):
+    """A 'model' whose next-token distribution is fixed: `logits` at every position."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_a_uniform_model_has_the_vocabulary_size_as_perplexity():
+    ids = torch.randint(0, 50, (5000,))
+    assert perplexity(Constant(torch.zeros(50)), ids, seq_len=64, max_windows=10, progress=False) == pytest.approx(50, rel=1e-5)
+
+
+def test_perplexity_counts_only_the_first_windows():
+    # Windows 0-1 hold only token 0; later text only token 1. A model sure of token 0 scores 1 there.
+    ids = torch.cat([torch.zeros(128, dtype=torch.long), torch.ones(1000, dtype=torch.long)])
+    sure = Constant(torch.tensor([20.0, -20.0]))
+    assert perplexity(sure, ids, seq_len=64, max_windows=2, batch_size=1, progress=False) == pytest.approx(1.0, abs=1e-6)
+    assert perplexity(sure, ids, seq_len=64, max_windows=4, progress=False) > math.e ** 10
+
+
+def test_windows_are_the_first_n_in_order():
+    ids = torch.arange(1000)
+    w = windows(ids, 100, 3)
+    assert w.shape == (3, 100) and torch.equal(w.flatten(), ids[:300])
+    assert windows(ids, 300, None).shape == (3, 300)
+    with pytest.raises(FamilyError, match="not enough text"):
+        windows(ids[:10], 100, 3)

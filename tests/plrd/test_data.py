@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from family.errors import FamilyError
-from plrd.data import eval_windows, pack, read_source
+from plrd.data import pack, read_source
 
 
 def test_jsonl_with_a_named_field(tmp_path):
@@ -51,15 +51,6 @@ def test_a_token_budget_gives_enough_rows_and_cycles_short_text():
     assert pack(ids, 10, num_tokens=35).shape == (4, 10)
     rows = pack(ids, 10, num_tokens=250)  # more than the text holds: rows repeat, budget honoured
     assert rows.shape == (25, 10) and torch.equal(rows[10], rows[0])
-
-
-def test_eval_windows_are_the_first_n_in_order():
-    ids = torch.arange(1000)
-    w = eval_windows(ids, 100, 3)
-    assert w.shape == (3, 100) and torch.equal(w.flatten(), ids[:300])
-    assert eval_windows(ids, 300, None).shape == (3, 300)
-    with pytest.raises(FamilyError, match="not enough text"):
-        eval_windows(ids[:10], 100, 3)
 
 
 def test_a_hf_source_without_datasets_or_network_is_a_clear_error():

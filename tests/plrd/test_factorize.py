@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from family.errors import FamilyError
-from family.lowrank import LowRankLinear
+from family.lowrank import PROJECTIONS, LowRankLinear
 from plrd.calibrate import collect_grams
 from plrd.factorize import count_parameters, factorize, full_rank_member
 
@@ -74,3 +74,14 @@ def test_a_member_can_be_factorized_again_at_a_lower_target(tiny, grams, calib_r
     second = factorize(first, 0.6, parent_params, grams=collect_grams(first, calib_rows, progress=False), progress=False)
     assert abs(count_parameters(second) / parent_params - 0.6) <= 0.006
     assert all(second.config.ranks[p] <= first.config.ranks.get(p, 10**9) for p in second.config.ranks)
+
+
+def test_a_matrix_past_break_even_stays_dense_and_factored_ones_save_parameters(tiny, grams):
+    model, _ = tiny
+    member = factorize(model, 0.95, count_parameters(model), grams=grams, allocation="allocated", progress=False)
+    paths = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in PROJECTIONS]
+    dense = [p for p in paths if p not in member.config.ranks]
+    assert dense and all(isinstance(member.get_submodule(p), torch.nn.Linear) for p in dense)
+    for path, rank in member.config.ranks.items():
+        m = member.get_submodule(path)
+        assert rank * (m.in_features + m.out_features) < m.in_features * m.out_features

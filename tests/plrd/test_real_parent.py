@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family import defaults
-from plrd.evaluate import perplexity
+from family.accuracy import perplexity
 from family.registry import load_family
 from plrd.build import BuildConfig, build_family
 from plrd.data import read_source, tokenize
