@@ -16,6 +16,7 @@ app = typer.Typer(
     name="family",
     help="Build, measure and serve a family of low-rank members cut from one causal LM.",
     no_args_is_help=True,
+    rich_markup_mode=None,  # help texts hold literal brackets (hf:name[/config]), not rich markup
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -27,6 +28,8 @@ def _root() -> None:
 
 
 def _register() -> None:
+    if app.registered_commands:  # already done in this process
+        return
     from family import commands as family_commands
     from plrd import commands as plrd_commands
     from server import commands as server_commands

@@ -1,0 +1,33 @@
+"""The `family` command: every subcommand documents itself, and errors are one readable line."""
+
+from __future__ import annotations
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from family.cli import _register, app
+
+_register()
+COMMANDS = sorted(get_command(app).commands)
+
+
+def test_all_commands_are_there():
+    assert {"fetch-base", "build", "trawl", "register", "verify", "eval", "profile", "show", "plot", "worker", "serve"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_prints_its_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output
+
+
+def test_a_bad_family_folder_is_one_line_and_a_non_zero_exit(tmp_path, capfd):
+    from family.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", "--family", str(tmp_path / "nowhere")])
+    assert exit_info.value.code != 0
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
