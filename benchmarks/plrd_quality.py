@@ -35,7 +35,7 @@ from plrd.calibrate import collect_grams
 from plrd.data import pack, read_source, tokenize
 from family.accuracy import perplexity
 from plrd.factorize import count_parameters, factorize, spectra
-from plrd.heal import HealConfig, heal
+from plrd.heal import HealConfig, bf16_is_fast, heal
 from plrd.parent import load_parent
 from plrd.trawl import TrawlConfig, parse_layers, parse_modules, trawl
 
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--heal-seq-len", type=int, default=128)
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-train", default="factors", choices=["factors", "all"])
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast while healing (default: where the hardware does bf16 natively)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--distill-weight", type=float, default=0.0)
     ap.add_argument("--trawl-layers", default="last:4")
@@ -122,8 +123,9 @@ def main() -> None:
         tokens=args.heal_tokens, seq_len=args.heal_seq_len, batch_size=args.heal_batch, grad_accum=1, lr=args.lr,
         train=args.heal_train, bf16=args.bf16, distill_weight=args.distill_weight,
     )
+    bf16 = bf16_is_fast() if args.bf16 is None else args.bf16
     label = (f"whitened SVD + healing ({args.heal_tokens / 1000:g}k tok/member, {args.heal_train}, "
-             f"{'bf16' if args.bf16 else 'fp32'}{', distill' if args.distill_weight else ''}; progressive)")
+             f"{'bf16' if bf16 else 'fp32'}{', distill' if args.distill_weight else ''}; progressive)")
     current = parent
     for target in targets:
         g = grams if current is parent else collect_grams(current, calib)

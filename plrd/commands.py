@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so that `family -
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -44,7 +45,7 @@ def build(
     distill: bool = typer.Option(False, "--distill/--no-distill", help="distill from the parent while healing (KL on logits)"),
     distill_weight: float = typer.Option(0.5, help="with --distill: weight of the KL term (1 - weight on the LM loss)"),
     temperature: float = typer.Option(2.0, help="distillation temperature"),
-    bf16: bool = typer.Option(True, help="bf16 autocast while healing"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast while healing (default: where the hardware does bf16 natively)", show_default=False),
     seed: int = typer.Option(defaults.SEED),
 ) -> None:
     """Build a family: factorize → heal → save, each member cut from the previous one. Resumable."""

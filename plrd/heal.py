@@ -6,10 +6,11 @@ schedule, gradient accumulation, a token budget, bf16 autocast. `accelerate` own
 processes, so `accelerate launch -m family.cli build ...` runs the same loop data-parallel on one or
 many GPUs, and plain `family build` runs it on the CPU.
 
-bf16 autocast is the default: on this project's 2-core CPU (AMD EPYC with avx512_bf16) a 576×1536
-projection matmul of 512 tokens runs about 3.6× faster in bf16 than in fp32, and autocast keeps fp32
-master weights, so accuracy does not suffer. On GPUs bf16 is the norm anyway. `benchmarks/plrd_quality.py`
-reports the healing speed it measured (tokens/s) with every healed row.
+bf16 autocast is used where the hardware computes in bf16 natively (`bf16_is_fast`): CUDA GPUs with
+bf16, CPUs with AVX512-BF16 or AMX. It pays only there: on an AMD EPYC with avx512_bf16 a 576×1536
+projection matmul ran about 3.6× faster in bf16 than in fp32, while on an AVX2-only EPYC a forward and
+backward of SmolLM2-135M cut to 0.8 ran about 25× *slower* in bf16 (7 vs 185 tokens/s), because the
+bf16 kernels fall back to emulation. Autocast keeps fp32 master weights either way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ class HealConfig:
     train: str = "factors"  # "factors": only LowRankLinear factors; "all": every parameter
     distill_weight: float = 0.0  # 0 = pure LM loss; 1 = pure KL to the teacher
     temperature: float = 2.0
-    bf16: bool = True
+    bf16: bool | None = None  # None: bf16 autocast where the hardware does bf16 natively (bf16_is_fast)
     seed: int = 0
 
 
@@ -54,6 +56,7 @@ class HealResult:
     first_loss: float
     final_loss: float  # mean over the last 10% of steps
     losses: list[float] = field(default_factory=list, repr=False)  # LM loss per optimizer step (the curve)
+    bf16: bool = False  # whether bf16 autocast was used
 
 
 def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
@@ -70,6 +73,18 @@ def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def bf16_is_fast() -> bool:
+    """Whether bf16 autocast speeds training up here: a CUDA GPU with bf16, or a CPU with native bf16
+    instructions (AVX512-BF16, AMX). Elsewhere bf16 is emulated and much slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,8 +110,9 @@ def heal(
     # One process may heal several members with different settings; keep the distributed state
     # (PartialState), forget the previous run's mixed-precision choice.
     AcceleratorState._reset_state(reset_partial_state=False)
+    use_bf16 = bf16_is_fast() if cfg.bf16 is None else cfg.bf16
     accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.bf16 else "no",
+        mixed_precision="bf16" if use_bf16 else "no",
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
@@ -142,4 +158,4 @@ def heal(
     for p in accelerator.unwrap_model(model).parameters():
         p.requires_grad_(False)
     tail = losses[-max(1, len(losses) // 10):]
-    return HealResult(len(losses), steps * tokens_per_step, time.perf_counter() - start, losses[0], sum(tail) / len(tail), losses)
+    return HealResult(len(losses), steps * tokens_per_step, time.perf_counter() - start, losses[0], sum(tail) / len(tail), losses, use_bf16)

@@ -4,7 +4,7 @@ import torch
 
 from plrd.calibrate import collect_grams
 from plrd.factorize import count_parameters, factorize
-from plrd.heal import HealConfig, heal
+from plrd.heal import HealConfig, bf16_is_fast, heal
 from plrd.data import pack
 
 
@@ -30,3 +30,12 @@ def test_distillation_runs_with_the_parent_as_teacher(tiny, calib_rows):
     member = factorize(model, 0.6, count_parameters(model), grams=None, progress=False)
     result = heal(member, calib_rows, HealConfig(tokens=4096, seq_len=128, distill_weight=0.5), teacher=model, progress=False)
     assert result.final_loss == result.final_loss  # not NaN
+
+
+def test_bf16_is_used_by_default_only_where_the_hardware_does_it_natively(tiny, calib_rows):
+    model, _ = tiny
+    member = factorize(model, 0.6, count_parameters(model), grams=None, progress=False)
+    auto = heal(member, calib_rows, HealConfig(tokens=256, seq_len=128, batch_size=2, grad_accum=1), progress=False)
+    assert auto.bf16 == bf16_is_fast()
+    forced = heal(member, calib_rows, HealConfig(tokens=256, seq_len=128, batch_size=2, grad_accum=1, bf16=False), progress=False)
+    assert forced.bf16 is False
