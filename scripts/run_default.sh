@@ -80,7 +80,7 @@ cat >&2 <<EOF
 
 Routed by budget (model = the family name), budget in headers:
   curl -s http://$HOST:$PORT/v1/chat/completions -H 'content-type: application/json' \\
-    -H 'x-slo-latency-ms: 3000' -H 'x-min-accuracy: 0.5' -D - \\
+    -H 'x-slo-latency-ms: 10000' -H 'x-min-accuracy: 0.4' -D - \\
     -d '{"model": "$FAMILY_NAME", "messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 32}'
   (response headers x-family-member / x-family-predicted-latency-ms say who served it and why)
 
@@ -96,7 +96,7 @@ OpenAI Python client:
   client = OpenAI(base_url="http://$HOST:$PORT/v1", api_key="none")
   r = client.chat.completions.with_raw_response.create(
       model="$FAMILY_NAME", messages=[{"role": "user", "content": "Hello"}], max_tokens=32,
-      extra_body={"budget": {"max_latency_ms": 3000, "min_accuracy": 0.5}})
+      extra_body={"budget": {"max_latency_ms": 10000, "min_accuracy": 0.4}})
   print(r.headers["x-family-member"], r.parse().choices[0].message.content)
 
 Load test against it (another shell):
