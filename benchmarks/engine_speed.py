@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from family import defaults  # noqa: E402
-from server.worker_vllm import wait_ready  # noqa: E402
+from family.profile import wait_healthy  # noqa: E402
 
 PROMPT = "The history of the city begins"
 
@@ -157,7 +157,7 @@ def bench_engine(engine: str, models: list[tuple[str, Path]], args, log_dir: Pat
         proc = start_worker(engine, d, name, port, log_dir / f"{engine}-{name}.log", max(args.concurrency))
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, timeout=600, proc=proc)
+            wait_healthy(url, timeout=600, proc=proc)
             out[name] = {"startup_s": time.monotonic() - t0}
             one_request(url, name, 16)  # warm-up
             for c in args.concurrency:

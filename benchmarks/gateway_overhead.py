@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from family.profile import wait_healthy  # noqa: E402
+
 DEVICE = "bench"
 COMPLETION = {
     "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": "stub",
@@ -181,20 +183,6 @@ def build_family(root: Path) -> str:
     return fam.registry.name
 
 
-def wait_http(url: str, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
-
-
 def _use_uvloop() -> None:
     try:
         import uvloop
@@ -260,8 +248,8 @@ def main() -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "family.cli", "serve", "--family", str(tmp / "family"),
                                        "--fleet", str(tmp / "fleet.yaml"), "--port", str(gw_port)], cwd=ROOT))
         try:
-            wait_http(f"http://127.0.0.1:{stub_port}/health")
-            wait_http(f"http://127.0.0.1:{gw_port}/health")
+            wait_healthy(f"http://127.0.0.1:{stub_port}", 120)
+            wait_healthy(f"http://127.0.0.1:{gw_port}", 120)
             rows = asyncio.run(_measure(name, stub_port, gw_port, args))
         finally:
             for p in procs:

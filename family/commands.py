@@ -167,6 +167,8 @@ def profile(
     dtype: str = typer.Option("float32"),
     endpoint: str = typer.Option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions)"),
     ready_timeout: float = typer.Option(900.0, help="seconds to wait for the worker's /health"),
+    threads: int = typer.Option(0, help="torch engine: worker CPU threads (0 = as `family serve` runs them: "
+                                        "this machine's cores shared out among the family's members)"),
 ) -> None:
     """Measure TTFT, time per output token, throughput and peak memory through the serving engine.
 
@@ -177,7 +179,7 @@ def profile(
 
     from family import latency
     from family.errors import FamilyError
-    from family.profile import Shape, WorkerProcess, profile_worker
+    from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
     from family.registry import LatencyProfile, load_family
     from plrd.data import read_source, tokenize
 
@@ -191,6 +193,9 @@ def profile(
         raise FamilyError("profile at least two request shapes (e.g. --prompt-tokens 32,256): a latency model needs them")
     fam = load_family(family_dir)
     names = _selected(fam, member)
+    if threads < 0:
+        raise FamilyError(f"--threads must be 0 (as served) or positive, got {threads}")
+    n_threads = (threads or worker_threads(len(fam.servable))) if engine == "torch" else None
     text = read_source(defaults.EVAL_TEXT).text[:400_000]
     log_dir = Path(family_dir) / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -198,12 +203,13 @@ def profile(
         tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
         text_ids = tokenize(tok, text).tolist()
         log = log_dir / f"worker-{n}-{engine}.log"
-        typer.echo(f"{n}: starting `family worker --engine {engine}` (log: {log})")
-        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout) as worker:
+        typer.echo(f"{n}: starting `family worker --engine {engine}`" + (f" --threads {n_threads}" if n_threads else "") + f" (log: {log})")
+        extra = ["--threads", str(n_threads)] if n_threads else []
+        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, extra_args=extra) as worker:
             samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
             peak = worker.peak_rss
         coef = latency.fit(samples)
-        prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, samples=samples, peak_memory_bytes=peak,
+        prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, samples=samples, peak_memory_bytes=peak,
                               latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
         fam.record(n, latency=prof)  # after each member, merged under a lock: an interrupted profile loses nothing
         one = [s for s in samples if s.concurrency == 1] or samples

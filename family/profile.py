@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -39,6 +40,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def worker_threads(n_workers: int) -> int:
+    """CPU threads per torch worker when `n_workers` share this machine: its cores shared out evenly.
+
+    `family serve` starts its local workers so, and `family profile` measures them so by default, so
+    that the registry's latency figures describe the workers as they are served. (Left at torch's
+    default, every worker starts one thread per core, and N workers' thread pools on the same cores
+    slow each other down several times over.)
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
+def wait_healthy(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None, what: str = "worker") -> None:
+    """Poll `url`/health until it answers 200; fail as soon as `proc` (the process behind it) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FamilyError(f"{what} exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise FamilyError(f"{what} not ready after {timeout:.0f} s")
 
 
 class WorkerProcess:
@@ -75,19 +102,11 @@ class WorkerProcess:
             time.sleep(0.2)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FamilyError(f"worker exited with code {self.proc.returncode} before it was ready"
-                                  + (f" (log: {self.log})" if self.log else ""))
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise FamilyError(f"worker not ready after {timeout:.0f} s")
+        try:
+            wait_healthy(self.url, timeout, self.proc, what=f"worker {self.url}" + (f" (log: {self.log})" if self.log else ""))
+        except FamilyError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Terminate the worker and every process it started (vLLM runs an engine-core child)."""

@@ -83,6 +83,7 @@ class LatencyProfile(_Model):
     device_class: str
     engine: str  # "vllm" | "torch"
     dtype: str = "float32"
+    threads: int | None = None  # torch engine: CPU threads of the worker (None: the engine's default)
     samples: list[LatencySample] = Field(default_factory=list)
     peak_memory_bytes: int | None = None
     latency_model: dict[str, float] | None = None  # coefficients fitted by family.latency

@@ -280,3 +280,30 @@ def judge(o: Outcome, fig: Figures) -> Outcome:
             missed.append("min_accuracy")
     o.missed, o.met = missed, not missed
     return o
+
+
+def goodput_at_mix(result: dict, classes: list) -> float | None:
+    """Per-class goodput weighted by the scenario's class weights.
+
+    Users are paced but not open-loop: a user whose request outlasts its period starts the next one
+    late, so a policy that serves a class slowly sends fewer requests of it, and one that rejects fast
+    sends more. The plain share of requests then mixes the classes differently for every policy; this
+    weighs them as the scenario means to (what an open-loop arrival process would give).
+    """
+    by = result["by_class"]
+    present = [(c.weight, by[c.name]["goodput"]) for c in classes if by.get(c.name, {}).get("goodput") is not None]
+    total = sum(w for w, _ in present)
+    return round(sum(w * g for w, g in present) / total, 4) if total else None
+
+
+def verdict(results: dict[str, dict]) -> dict:
+    """The issue's targets, judged on the goodput at the scenario's class mix (`goodput_at_mix`)."""
+    g, p, s = (results.get(k, {}).get("overall", {}).get("goodput_mix") for k in ("gateway", "parent", "static"))
+    return {
+        "gateway_goodput": g, "parent_goodput": p, "static_goodput": s,
+        "gateway_beats_parent": g is not None and p is not None and g > p,
+        "gateway_beats_static": g is not None and s is not None and g > s,
+        "gateway_at_least_95pct": g is not None and g >= 0.95,
+        "parent_below_half": p is not None and p < 0.5,
+        "no_failures": all(r["overall"]["failed"] == 0 for r in results.values()),
+    }

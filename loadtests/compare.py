@@ -26,24 +26,10 @@ from pathlib import Path
 
 import gevent
 
-from loadtests.budgets import POLICIES, Figures, classes_json, derive_classes, load_classes
+from loadtests.budgets import POLICIES, Figures, classes_json, derive_classes, goodput_at_mix, load_classes, verdict
 from loadtests.harness import EmbeddedGateway
 from loadtests.report import markdown_table, plot, summarize, write_outcomes
 from loadtests.run import run_scenario, warm_up
-
-
-def verdict(results: dict[str, dict]) -> dict:
-    g = results.get("gateway", {}).get("overall", {}).get("goodput")
-    p = results.get("parent", {}).get("overall", {}).get("goodput")
-    s = results.get("static", {}).get("overall", {}).get("goodput")
-    return {
-        "gateway_goodput": g, "parent_goodput": p, "static_goodput": s,
-        "gateway_beats_parent": g is not None and p is not None and g > p,
-        "gateway_beats_static": g is not None and s is not None and g > s,
-        "gateway_at_least_95pct": g is not None and g >= 0.95,
-        "parent_below_half": p is not None and p < 0.5,
-        "no_failures": all(r["overall"]["failed"] == 0 for r in results.values()),
-    }
 
 
 def compare(gateway: str, out: Path, *, duration: float, users: int, policies=POLICIES, classes=None, figures: Figures | None = None,
@@ -60,13 +46,14 @@ def compare(gateway: str, out: Path, *, duration: float, users: int, policies=PO
         outcomes, elapsed, stats = run_scenario(gateway, policy, duration=duration, users=users, figures=fig, classes=classes, seed=seed,
                                                 rate_per_user=rate_per_user)
         s = summarize(outcomes, elapsed, {"policy": policy})
+        s["overall"]["goodput_mix"] = goodput_at_mix(s, classes)
         s["locust_stats"] = stats
         (out / policy).mkdir(exist_ok=True)
         write_outcomes(outcomes, out / policy / "outcomes.jsonl")
         (out / policy / "report.json").write_text(json.dumps(s, indent=2) + "\n")
         results[policy] = s
         o = s["overall"]
-        print(f"{policy}: {o['requests']} requests, goodput {o['goodput']}, {o['throughput_rps']} req/s, failed {o['failed']}", flush=True)
+        print(f"{policy}: {o['requests']} requests, goodput {o['goodput']} (at the class mix {o['goodput_mix']}), {o['throughput_rps']} req/s, failed {o['failed']}", flush=True)
     v = verdict(results)
     report = {**(meta or {}), "gateway": gateway, "family": fig.family, "device_class": fig.device_class, "users": users,
               "rate_per_user": rate_per_user,

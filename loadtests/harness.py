@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import yaml
 
+from family.profile import wait_healthy, worker_threads
 from family.registry import load_family
 
 LOOPBACK = "127.0.0.1"
@@ -26,21 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
-    """Until GET `url` answers 200; raise if `proc` exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} not ready at {url} after {timeout:.0f} s")
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
@@ -116,7 +101,8 @@ class ProcessFleet:
     def _start_worker(self, w: WorkerProc) -> None:
         fam = load_family(self.family_dir, verify="none")
         args = ["worker", "--member-dir", str(fam.member_dir(w.conf.member)), "--name", w.conf.member, "--engine", "torch",
-                "--host", LOOPBACK, "--port", str(w.port), "--max-batch", str(w.conf.max_batch), "--max-waiting", str(w.conf.max_waiting)]
+                "--host", LOOPBACK, "--port", str(w.port), "--max-batch", str(w.conf.max_batch), "--max-waiting", str(w.conf.max_waiting),
+                "--threads", str(worker_threads(len(self.workers)))]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
         w.proc = start_family_cli(args, w.log)
@@ -129,14 +115,14 @@ class ProcessFleet:
                 self.procs.append(w)
                 self._start_worker(w)
             for w in self.procs:
-                wait_http(f"{w.direct_url}/health", self.ready_timeout, w.proc, f"worker {w.conf.member} (log {w.log})")
+                wait_healthy(w.direct_url, self.ready_timeout, w.proc, f"worker {w.conf.member} (log {w.log})")
                 if w.conf.slow:
                     w.proxy_port = free_port()
                     cmd = [sys.executable, "-m", "loadtests.slowproxy", "--upstream", w.direct_url, "--port", str(w.proxy_port),
                            "--delay-s", str(w.conf.slow.get("delay_s", 0.0)), "--per-chunk-s", str(w.conf.slow.get("per_chunk_s", 0.0))]
                     with open(self.log_dir / f"proxy-{w.proxy_port}.log", "ab") as out:
                         w.proxy = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
-                    wait_http(f"{w.url}/health", 60, w.proxy, "slow proxy")
+                    wait_healthy(w.url, 60, w.proxy, "slow proxy")
             fleet = {"workers": [{"url": w.url, "member": w.conf.member, "device_class": self.device_class} for w in self.procs]}
             fleet_file = self.log_dir / "fleet.yaml"
             fleet_file.write_text(yaml.safe_dump(fleet, sort_keys=False))
@@ -145,7 +131,7 @@ class ProcessFleet:
                 ["serve", "--family", str(self.family_dir), "--fleet", str(fleet_file), "--host", LOOPBACK, "--port", str(self.gateway_port),
                  "--device-class", self.device_class, "--health-interval", str(self.health_interval), *self.gateway_args],
                 self.log_dir / "gateway.log")
-            wait_http(f"{self.url}/health", self.ready_timeout, self.gateway, f"gateway (log {self.log_dir / 'gateway.log'})")
+            wait_healthy(self.url, self.ready_timeout, self.gateway, f"gateway (log {self.log_dir / 'gateway.log'})")
         except BaseException:
             self.stop()
             raise
@@ -162,7 +148,7 @@ class ProcessFleet:
         w = self.procs[i]
         self._start_worker(w)
         if wait:
-            wait_http(f"{w.direct_url}/health", self.ready_timeout, w.proc, f"worker {w.conf.member}")
+            wait_healthy(w.direct_url, self.ready_timeout, w.proc, f"worker {w.conf.member}")
 
     def worker_state(self, i: int) -> dict | None:
         """The gateway's view of worker i (from /v1/family)."""
@@ -199,7 +185,7 @@ class EmbeddedGateway:
         self.proc = start_family_cli(["serve", "--family", str(self.family_dir), "--host", LOOPBACK, "--port", str(self.port),
                                       "--device-class", self.device_class, *self.extra], self.log)
         try:
-            wait_http(f"{self.url}/health", self.ready_timeout, self.proc, f"gateway (log {self.log})")
+            wait_healthy(self.url, self.ready_timeout, self.proc, f"gateway (log {self.log})")
         except BaseException:
             self.__exit__()
             raise

@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 
 from family.registry import load_family
-from loadtests.harness import EmbeddedGateway, ProcessFleet, WorkerConf, free_port, wait_http
+from loadtests.harness import EmbeddedGateway, ProcessFleet, WorkerConf
 
 SCENARIOS = ("kill-worker", "slow-worker", "full-queue", "fuzz", "corrupt-member")
 

@@ -68,12 +68,15 @@ def _fmt(v, spec=".0f") -> str:
 def markdown_table(policies: dict[str, dict]) -> str:
     """One row per policy: goodput overall and per class, throughput, latency percentiles, members."""
     classes = [c for c in CLASS_NAMES if any(c in s["by_class"] for s in policies.values())]
-    head = ["policy", "requests", "goodput", *[f"goodput {c}" for c in classes], "req/s", "tok/s", "TTFT p50/p90 ms",
+    mix = any("goodput_mix" in s["overall"] for s in policies.values())
+    head = ["policy", "requests", "goodput", *(["goodput at class mix"] if mix else []), *[f"goodput {c}" for c in classes], "req/s", "tok/s", "TTFT p50/p90 ms",
             "e2e p50/p90 ms", "rejected", "429", "failed", "served by"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in policies.items():
         o = s["overall"]
         row = [name, str(o["requests"]), _fmt(o["goodput"] and 100 * o["goodput"], ".1f") + "%"]
+        if mix:
+            row.append(_fmt(o.get("goodput_mix") and 100 * o["goodput_mix"], ".1f") + "%")
         row += [_fmt(s["by_class"].get(c, {}).get("goodput") and 100 * s["by_class"][c]["goodput"], ".1f") + "%" for c in classes]
         row += [_fmt(o["throughput_rps"], ".2f"), _fmt(o["throughput_tok_s"], ".0f"),
                 f"{_fmt(o['ttft_ms']['p50'])}/{_fmt(o['ttft_ms']['p90'])}", f"{_fmt(o['e2e_ms']['p50'])}/{_fmt(o['e2e_ms']['p90'])}",

@@ -39,6 +39,7 @@ def worker(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     max_batch: int = typer.Option(16, help="torch engine: requests decoded together"),
     max_waiting: int = typer.Option(64, help="torch engine: queued requests before answering 429"),
+    threads: int = typer.Option(0, help="torch engine: CPU threads for matmuls (0 = torch's default, one per core)"),
 ) -> None:
     """Start one OpenAI-compatible worker for one member."""
     from family.errors import FamilyError
@@ -46,16 +47,23 @@ def worker(
     path, name = resolve_member_dir(member_dir, family_dir, member)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if threads < 0:
+        raise FamilyError(f"--threads must be 0 (default) or positive, got {threads}")
     if engine == "vllm":
+        if threads:
+            raise FamilyError("--threads is for the torch engine; vLLM-CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND)")
         from server.worker_vllm import vllm_command, vllm_env
 
         cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype)
         os.execve(cmd[0], cmd, vllm_env())
     elif engine == "torch":
+        import torch
         import uvicorn
 
         from server.worker_torch import create_app
 
+        if threads:
+            torch.set_num_threads(threads)
         app = create_app(path, name, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     else:
@@ -72,6 +80,7 @@ def serve(
     api_keys: Path = typer.Option(None, help="keys.yaml: bearer keys with per-key budgets and rate limits"),
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
+    worker_threads: int = typer.Option(0, help="local torch workers: CPU threads each (0 = this machine's cores shared out evenly)"),
 ) -> None:
     """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget.
 
@@ -107,7 +116,7 @@ def serve(
             specs = load_fleet(fleet, fam)
         else:
             typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
-            local = LocalWorkers(fam, engine, device_class)
+            local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None)
             specs = local.specs
         app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval)
         typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)

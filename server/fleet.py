@@ -65,19 +65,27 @@ def load_fleet(path: Path, family: Family) -> list[WorkerSpec]:
 
 
 class LocalWorkers:
-    """One `family worker` process per servable member on this machine, stopped on close."""
+    """One `family worker` process per servable member on this machine, stopped on close.
 
-    def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None):
-        from family.profile import WorkerProcess
+    Torch workers share the machine's cores out evenly (`threads` each, default
+    `family.profile.worker_threads`): at torch's default of one thread per core, 4 workers on 2 cores
+    served 18 requests in a 60 s load test where the same workers at 1 thread each served 101.
+    """
+
+    def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None, threads: int | None = None):
+        from family.profile import WorkerProcess, worker_threads
 
         self.processes = []
         self.specs: list[WorkerSpec] = []
         log_dir = Path(log_dir or family.root / "logs")
         log_dir.mkdir(parents=True, exist_ok=True)
+        extra = []
+        if engine == "torch":
+            extra = ["--threads", str(threads or worker_threads(len(family.servable)))]
         try:
             for m in family.servable:  # start them all, then wait: start-ups overlap
                 proc = WorkerProcess(family.member_dir(m.name), m.name, engine, log=log_dir / f"worker-{m.name}-{engine}.log",
-                                     ready_timeout=None)
+                                     ready_timeout=None, extra_args=extra)
                 self.processes.append(proc)
                 self.specs.append(WorkerSpec(url=proc.url, member=m.name, device_class=device_class))
             for proc in self.processes:

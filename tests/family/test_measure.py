@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from family import latency
+from family.profile import worker_threads
 from family.registry import load_family, read_registry
 
 
@@ -44,6 +45,7 @@ def test_eval_stores_plausible_accuracy_records(measured):
 def test_profile_stores_samples_memory_and_a_fitted_model(measured):
     prof = read_registry(measured).member("tiny-p60").latency["test-cpu"]
     assert prof.engine == "torch" and len(prof.samples) == 4
+    assert prof.threads == worker_threads(3)  # measured as `family serve` runs the family's 3 workers
     assert all(s.ttft_s > 0 and s.tpot_s > 0 and s.throughput_tok_s > 0 for s in prof.samples)
     assert {(s.concurrency, s.output_tokens) for s in prof.samples} == {(1, 6), (2, 6)}
     assert prof.peak_memory_bytes > 50e6  # a Python process with torch loaded
@@ -81,7 +83,9 @@ def test_latency_model_recovers_a_known_law():
 
 def test_cli_errors_are_one_line(measured):
     for args, words in ((["eval", "--family", "/nope"], "no registry"), (["eval", "--family", str(measured), "--member", "ghost"], "no member named"),
-                        (["profile", "--family", str(measured), "--device-class", "x", "--concurrency", "a"], "--concurrency")):
+                        (["profile", "--family", str(measured), "--device-class", "x", "--concurrency", "a"], "--concurrency"),
+                        (["profile", "--family", str(measured), "--device-class", "x", "--threads", "-1"], "--threads"),
+                        (["worker", "--family", str(measured), "--member", "tiny-p60", "--engine", "vllm", "--threads", "2"], "--threads")):
         done = _family(*args)
         assert done.returncode == 2 and done.stderr.strip().startswith("error:") and words in done.stderr
         assert "Traceback" not in done.stderr

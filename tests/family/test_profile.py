@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from family import defaults
 from family.errors import FamilyError
-from family.profile import Shape, WorkerProcess, profile_worker
+from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
 from plrd.data import tokenize
 
 
@@ -63,3 +63,10 @@ def test_a_worker_that_cannot_start_is_a_family_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FamilyError, match="exited with code"):
         WorkerProcess(tmp_path / "empty", "nothing", "torch", log=tmp_path / "w.log", ready_timeout=120)
+
+
+def test_worker_threads_share_the_cores_out_evenly(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert [worker_threads(n) for n in (1, 2, 4)] == [2, 1, 1]  # never 0: an oversubscribed worker still gets a thread
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert [worker_threads(n) for n in (1, 4, 5)] == [16, 4, 3]

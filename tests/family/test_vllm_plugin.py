@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family import defaults
 from family.lowrank import PROJECTIONS
-from server.worker_vllm import wait_ready
+from family.profile import wait_healthy
 from tests.server.conftest import free_port
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was", "The river flows through", "In 1999, the company"]
@@ -145,7 +145,7 @@ def test_vllm_cpu_serves_a_low_rank_member_like_transformers(real_member_dir, tm
     pytest.importorskip("vllm")
     proc, url = _vllm_worker(real_member_dir, tmp_path)
     try:
-        wait_ready(url, timeout=400, proc=proc)
+        wait_healthy(url, timeout=400, proc=proc)
         _greedy_matches(url, real_member_dir)
     finally:
         proc.terminate()
@@ -158,7 +158,7 @@ def test_vllm_gpu_serves_a_low_rank_member_like_transformers(real_member_dir, tm
     pytest.importorskip("vllm")
     proc, url = _vllm_worker(real_member_dir, tmp_path)
     try:
-        wait_ready(url, timeout=600, proc=proc)
+        wait_healthy(url, timeout=600, proc=proc)
         _greedy_matches(url, real_member_dir)
     finally:
         proc.terminate()

@@ -7,21 +7,17 @@ import contextlib
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from family.registry import AccuracyRecord, LatencyProfile, load_family, sync_family
-from plrd.factorize import count_parameters, factorize
+from family.registry import load_family
+from loadtests.tinyfamily import build_tiny_family
 from server.fleet import WorkerSpec
 from server.gateway import create_app
 from server.worker_torch import create_app as create_worker
 from tests.server.conftest import serve
 
 DEVICE = "test-cpu"
-# Registry figures for routing (test data; random tiny models have no meaningful accuracy of their
-# own): the parent is the most accurate and the slowest, p60 the least accurate and the fastest.
-QUALITY = {"tiny-p100": 1.0, "tiny-p80": 0.9, "tiny-p60": 0.7}
-PERPLEXITY = {"tiny-p100": 20.0, "tiny-p80": 24.0, "tiny-p60": 35.0}
+# Accuracy figures are loadtests.tinyfamily's (parent 1.0, p80 0.9, p60 0.7); these latency figures put
+# the members far apart so each row of the budget table has exactly one right answer.
 LATENCY = {
     "tiny-p100": {"a0": 0.400, "a1": 0.0, "a2": 0.0, "a3": 0.0, "b0": 0.040, "b1": 0.0, "b2": 0.0},
     "tiny-p80": {"a0": 0.150, "a1": 0.0, "a2": 0.0, "a3": 0.0, "b0": 0.020, "b1": 0.0, "b2": 0.0},
@@ -30,28 +26,9 @@ LATENCY = {
 
 
 @pytest.fixture(scope="session")
-def tiny_family(tiny_parent_dir, tmp_path_factory):
-    """A tiny family on disk with measured accuracy (real eval) and a latency profile per member."""
-    root = tmp_path_factory.mktemp("family")
-    parent = AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_parent_dir)
-    (root / "tiny-p100").mkdir()
-    parent.save_pretrained(root / "tiny-p100")
-    tok.save_pretrained(root / "tiny-p100")
-    for frac in (0.8, 0.6):
-        member = factorize(parent, frac, count_parameters(parent), grams=None, allocation="uniform", progress=False)
-        d = root / f"tiny-p{round(frac * 100)}"
-        member.save_pretrained(d)
-        tok.save_pretrained(d)
-        (d / "provenance.json").write_text('{"method": "test"}')
-    sync_family(root, parent_dir=root / "tiny-p100", family_name="tiny")
-    fam = load_family(root)
-    for m in fam.registry.members:
-        m.accuracy += [AccuracyRecord(metric="perplexity", value=PERPLEXITY[m.name], data="test"),
-                       AccuracyRecord(metric="top1_agreement", value=QUALITY[m.name], data="test")]
-        m.latency[DEVICE] = LatencyProfile(device_class=DEVICE, engine="torch", latency_model=LATENCY[m.name])
-    fam.save()
-    return root
+def tiny_family(tmp_path_factory):
+    """A tiny family on disk with registry figures (test data) and a latency profile per member."""
+    return build_tiny_family(tmp_path_factory.mktemp("family"), DEVICE, latency=LATENCY)
 
 
 @contextlib.contextmanager
