@@ -100,9 +100,10 @@ def plot(policies: dict[str, dict], png: Path, title: str = "") -> None:
 
     ax = axes[0]
     for i, n in enumerate(names):
-        vals = [100 * (policies[n]["by_class"].get(c, {}).get("goodput") or 0) for c in classes] + [100 * (policies[n]["overall"]["goodput"] or 0)]
+        o = policies[n]["overall"]
+        vals = [100 * (policies[n]["by_class"].get(c, {}).get("goodput") or 0) for c in classes] + [100 * (o.get("goodput_mix", o["goodput"]) or 0)]
         ax.bar([x + i * width for x in range(len(classes) + 1)], vals, width, label=n)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(classes) + 1)], [*classes, "all"], rotation=20)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(classes) + 1)], [*classes, "all (class mix)" if any("goodput_mix" in policies[n]["overall"] for n in names) else "all"], rotation=20)
     ax.set_ylabel("% of requests that met their budget")
     ax.set_ylim(0, 105)
     ax.axhline(95, color="grey", ls=":", lw=1)
