@@ -1,8 +1,10 @@
 """The upstream pool: every worker's health, load and observed speed, kept current in the background.
 
 Health: GET /health every `interval` seconds; a refused connection, two failed checks in a row, or a
-connection error / 5xx on a real request put the worker in cooldown, doubling up to `max_cooldown`;
-it returns to rotation when a health check passes after the cooldown. Load: running and waiting requests read from the worker's
+connection error / 5xx on a real request put the worker in cooldown; each further failed *request*
+doubles it, up to `max_cooldown`; it returns to rotation when a health check passes after the
+cooldown. Checks that keep failing while a worker is already out do not lengthen its cooldown: a
+restarted worker is back within one check interval of answering, not a minute later. Load: running and waiting requests read from the worker's
 /metrics (vLLM's names, which both engines expose), plus the gateway's own in-flight count. Speed:
 an EWMA of observed/predicted time to first token and time per token, which corrects the registry's
 latency model for what this worker is doing right now.
@@ -116,10 +118,14 @@ class Pool:
             w.waiting = values.get("vllm:num_requests_waiting", 0.0)
         except UPSTREAM_ERRORS as exc:
             w.failed_checks += 1
+            reason = f"health check failed: {type(exc).__name__} {exc}".strip()
+            if not w.healthy and w.failures:  # already out: keep probing, without pushing its return back
+                w.last_error = reason
+                return
             # Refused: the worker is gone. Slow or erroring: out after FAILED_CHECKS in a row, not one blip.
             if isinstance(exc, aiohttp.ClientConnectorError) or w.failed_checks >= FAILED_CHECKS or not w.healthy:
                 w.healthy = False
-                self.fail(w, f"health check failed: {type(exc).__name__} {exc}".strip())
+                self.fail(w, reason)
             return
         w.failed_checks = 0
         if time.monotonic() >= w.cooldown_until:

@@ -64,7 +64,8 @@ def test_a_dead_worker_cools_down_then_returns_when_its_checks_pass(tiny_member_
         assert not w.healthy and not w.available() and "health check failed" in w.last_error  # refused: out at once
         first_cooldown = w.cooldown_until
         await pool.check(w)
-        assert w.failures == 2 and w.cooldown_until > first_cooldown  # the cooldown grows
+        assert not w.available() and "health check failed" in w.last_error
+        assert w.failures == 1 and w.cooldown_until == first_cooldown  # probing a dead worker does not push its return back
         with serve(create_worker(tiny_member_dir, "tiny-p70", max_model_len=256), port=port):
             await asyncio.sleep(0.25)  # past the (short) cooldown
             await pool.check(w)
@@ -75,7 +76,7 @@ def test_a_dead_worker_cools_down_then_returns_when_its_checks_pass(tiny_member_
     assert asyncio.run(_with_pool([spec], scenario, base_cooldown=0.05, max_cooldown=0.1)) is False
 
 
-def test_a_failed_request_puts_a_worker_in_cooldown():
+def test_failed_requests_put_a_worker_in_a_growing_cooldown():
     spec = WorkerSpec(url="http://127.0.0.1:9", member="m", device_class="cpu")
 
     async def scenario(pool):
@@ -83,9 +84,11 @@ def test_a_failed_request_puts_a_worker_in_cooldown():
         w.healthy, w.failures, w.cooldown_until = True, 0, 0.0
         assert w.available()
         pool.fail(w, "HTTP 500")
-        return w.available(), w.last_error
+        first = w.cooldown_until
+        pool.fail(w, "HTTP 502")  # failing requests again: the cooldown grows
+        return w.available(), w.last_error, w.cooldown_until > first
 
-    assert asyncio.run(_with_pool([spec], scenario)) == (False, "HTTP 500")
+    assert asyncio.run(_with_pool([spec], scenario)) == (False, "HTTP 502", True)
 
 
 # --- fleet.yaml ----------------------------------------------------------------------------------
