@@ -51,7 +51,7 @@ def main() -> None:
         sys.exit(f"error: {name} has no {args.engine} profile on {args.device_class!r}: run family profile first")
     # The worker as it was profiled (its threads recorded in the profile), or as `family serve` runs it.
     threads = (prof.threads if prof else worker_threads(len(fam.servable))) if args.engine == "torch" else None
-    with WorkerProcess(fam.member_dir(name), name, args.engine, extra_args=["--threads", str(threads)] if threads else []) as w:
+    with WorkerProcess(fam.member_dir(name), name, args.engine, threads=threads) as w:
         fit_samples = prof.samples if prof else profile_worker(w.url, name, tok, text_ids, FIT, rounds=args.rounds)
         held = profile_worker(w.url, name, tok, text_ids, HELD_OUT, rounds=args.rounds)
     coef = latency.fit(fit_samples)

@@ -204,8 +204,7 @@ def profile(
         text_ids = tokenize(tok, text).tolist()
         log = log_dir / f"worker-{n}-{engine}.log"
         typer.echo(f"{n}: starting `family worker --engine {engine}`" + (f" --threads {n_threads}" if n_threads else "") + f" (log: {log})")
-        extra = ["--threads", str(n_threads)] if n_threads else []
-        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, extra_args=extra) as worker:
+        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, threads=n_threads) as worker:
             samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
             peak = worker.peak_rss
         coef = latency.fit(samples)

@@ -72,8 +72,10 @@ class WorkerProcess:
     """`family worker` in a subprocess, with its peak memory sampled in the background."""
 
     def __init__(self, member_dir: Path, name: str, engine: str, *, dtype: str = "float32", log: Path | None = None,
-                 ready_timeout: float | None = 600.0, extra_args: list[str] = ()):
+                 ready_timeout: float | None = 600.0, threads: int | None = None):
         """Start the worker; wait until it is ready unless `ready_timeout` is None (then call wait_ready).
+
+        `threads`: the torch engine's CPU threads (`family worker --threads`; None = torch's default).
 
         Peak memory is the largest sum of resident set sizes over the worker's process tree, sampled
         every 0.2 s (pages shared between a parent and its forked children count once per process).
@@ -82,7 +84,8 @@ class WorkerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.command = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
-                        "--engine", engine, "--port", str(self.port), "--dtype", dtype, *extra_args]
+                        "--engine", engine, "--port", str(self.port), "--dtype", dtype,
+                        *(["--threads", str(threads)] if threads else [])]
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
         self.peak_rss = 0

@@ -106,6 +106,8 @@ def serve(
         raise FamilyError(f"no servable member in {family_dir}")
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
+    if worker_threads < 0:
+        raise FamilyError(f"--worker-threads must be 0 (cores shared out evenly) or positive, got {worker_threads}")
     auth = Auth.from_file(api_keys)
     # SIGTERM stops the gateway like Ctrl-C does, through the `finally` below that stops local workers
     # (uvicorn re-raises the signal it caught once it has shut down; the default action would skip it).

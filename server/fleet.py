@@ -79,13 +79,11 @@ class LocalWorkers:
         self.specs: list[WorkerSpec] = []
         log_dir = Path(log_dir or family.root / "logs")
         log_dir.mkdir(parents=True, exist_ok=True)
-        extra = []
-        if engine == "torch":
-            extra = ["--threads", str(threads or worker_threads(len(family.servable)))]
+        threads = (threads or worker_threads(len(family.servable))) if engine == "torch" else None
         try:
             for m in family.servable:  # start them all, then wait: start-ups overlap
                 proc = WorkerProcess(family.member_dir(m.name), m.name, engine, log=log_dir / f"worker-{m.name}-{engine}.log",
-                                     ready_timeout=None, extra_args=extra)
+                                     ready_timeout=None, threads=threads)
                 self.processes.append(proc)
                 self.specs.append(WorkerSpec(url=proc.url, member=m.name, device_class=device_class))
             for proc in self.processes:

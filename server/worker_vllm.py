@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from family import defaults
 from family.errors import FamilyError
 
