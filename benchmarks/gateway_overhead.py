@@ -177,7 +177,7 @@ def build_family(root: Path) -> str:
     model = {"bench-p100": (0.4, 0.04), "bench-p60": (0.03, 0.005)}  # ttft a0, tpot b0 (seconds)
     for m in fam.registry.members:
         a0, b0 = model[m.name]
-        m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=1.0 if m.is_parent else 0.7, data="benchmark"))
+        m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=1.0 if m.is_parent else 0.7, data="benchmark"))
         m.latency[DEVICE] = LatencyProfile(device_class=DEVICE, engine="stub", latency_model=dict(a0=a0, a1=0, a2=0, a3=0, b0=b0, b1=0, b2=0))
     fam.save()
     return fam.registry.name

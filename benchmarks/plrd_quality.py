@@ -83,7 +83,7 @@ def main() -> None:
     parent, tok = load_parent(args.parent)
     P = count_parameters(parent)
     test_ids = tokenize(tok, read_source(defaults.EVAL_TEXT).text)
-    valid_ids = tokenize(tok, read_source(defaults.CALIB_TEXT).text)
+    valid_ids = tokenize(tok, read_source(defaults.WIKITEXT_VALID).text)
     calib = pack(valid_ids, 512, args.calib_sequences, seed=0)
     heal_rows = pack(valid_ids, args.heal_seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(0))]

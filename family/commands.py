@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from typing import Optional
+
 import typer
 
 from family import defaults
@@ -56,24 +58,35 @@ def verify(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="
 def eval_cmd(
     family_dir: Path = FamilyOpt,
     member: list[str] = typer.Option(None, help="members to evaluate (default: all servable)"),
-    data: str = typer.Option(str(defaults.EVAL_TEXT), help="held-out text: file, file.jsonl[:field] or hf:name"),
+    data: str = typer.Option(str(defaults.EVAL_TEXT), help="held-out plain text: file, file.jsonl[:field] or hf:name"),
     windows: int = typer.Option(defaults.EVAL_WINDOWS, min=1, help="first N windows of the text"),
     seq_len: int = typer.Option(defaults.EVAL_SEQ_LEN, min=8, help="tokens per window"),
     batch_size: int = typer.Option(4, min=1),
+    chat_prompts: Path = typer.Option(defaults.EVAL_PROMPTS, help="held-out chat prompts (JSONL with a 'prompt' field)"),
+    answer_tokens: int = typer.Option(defaults.EVAL_ANSWER_TOKENS, min=1, help="greedy tokens per chat answer"),
+    min_chat_agreement: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="set the family's fitness floor: members below it are unfit (never routed to)"),
     lm_eval_tasks: str = typer.Option("", help="comma-separated lm-eval tasks (boolq,winogrande,...) where lm-eval is installed"),
     skip_measured: bool = typer.Option(False, help="skip members already measured on the same data and windows (resume)"),
 ) -> None:
-    """Held-out perplexity, top-1 agreement and KL against the parent; stored in the registry.
+    """Faithfulness to the parent, stored in the registry: on held-out chat prompts, chat agreement
+    (teacher-forced top-1 on the parent's greedy answers), KL and degenerate answers; on held-out
+    plain text, perplexity, top-1 agreement and KL.
 
-    Members are evaluated one at a time against the parent's logits on the same windows, and the
-    registry is saved after each, so an interrupted run loses nothing already measured.
+    The parent answers each chat prompt once (greedy); each member is then scored against those
+    answers and its own greedy answers are checked (saved in FAMILY/eval/answers-MEMBER.json). The
+    registry is saved after each member, so an interrupted run loses nothing already measured.
     """
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from family import chat_eval
     from family.accuracy import evaluate, windows as windows_of
+    from family.data import read_prompts
     from family.errors import FamilyError
-    from family.registry import AccuracyRecord, load_family
+    from family.registry import AccuracyRecord, FitnessPolicy, load_family
+    from family.storage import atomic_write_text, sha256_file
     from plrd.data import read_source, tokenize
 
     fam = load_family(family_dir)
@@ -81,8 +94,12 @@ def eval_cmd(
     parent_name = fam.registry.parent
     if parent_name in fam.problems:
         raise FamilyError(f"the parent {parent_name!r} is not usable: {fam.problems[parent_name]}")
+    if min_chat_agreement is not None:
+        fam.set_fitness(FitnessPolicy(**{**fam.registry.fitness.model_dump(), "min_chat_agreement": min_chat_agreement}))
     source = read_source(data)
     data_sha256 = source.sha256 or hashlib.sha256(source.text.encode("utf-8")).hexdigest()
+    prompts = [p.prompt for p in read_prompts(chat_prompts)]
+    prompts_sha256 = sha256_file(chat_prompts)
     tok = AutoTokenizer.from_pretrained(fam.member_dir(parent_name))
     ids = tokenize(tok, source.text)
     rows = windows_of(ids, seq_len, windows)
@@ -92,29 +109,43 @@ def eval_cmd(
     cmd = _command()
 
     def measured(n: str) -> bool:
-        return any(r.metric == "perplexity" and r.data_sha256 == data_sha256 and r.tokens == tokens
-                   for r in fam.registry.member(n).accuracy)
+        rec = fam.registry.member(n)
+        return (any(r.metric == "perplexity" and r.data_sha256 == data_sha256 and r.tokens == tokens for r in rec.accuracy)
+                and any(r.metric == "chat_agreement" and r.data_sha256 == prompts_sha256 for r in rec.accuracy))
 
     todo = [n for n in names if not (skip_measured and measured(n))]
     for n in sorted(set(names) - set(todo)):
-        typer.echo(f"{n}: already measured on {source.spec} ({tokens} tokens), skipped")
+        typer.echo(f"{n}: already measured on {source.spec} and {chat_prompts}, skipped")
     load = lambda n: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=torch.float32).eval()  # noqa: E731
     parent = load(parent_name) if todo else None
+    ref = chat_eval.reference(parent, tok, prompts, max_new_tokens=answer_tokens) if todo else None
+    out_dir = Path(family_dir) / "eval"
     # The parent first (one forward pass per window), then each member against it.
     for n in sorted(todo, key=lambda n: n != parent_name):
         model = parent if n == parent_name else load(n)
         s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
-        common = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
+        c = chat_eval.score(model, parent, tok, ref, name=n)
+        text = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
+        chat = dict(data=str(chat_prompts), data_sha256=prompts_sha256, command=cmd)
         # Saved after each member (an interrupted eval loses nothing already measured), merged under a
         # lock with whatever another eval or profile of this family saved meanwhile.
         fam.record(n, accuracy=[
-            AccuracyRecord(metric="perplexity", value=s.perplexity, **common),
-            AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **common),
-            AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **common),
+            AccuracyRecord(metric="chat_agreement", value=c.agreement, reference=parent_name, tokens=c.tokens, **chat),
+            AccuracyRecord(metric="chat_kl", value=c.kl, reference=parent_name, tokens=c.tokens, **chat),
+            AccuracyRecord(metric="degenerate_answers", value=c.degenerate_share, tokens=len(prompts), **chat),
+            AccuracyRecord(metric="perplexity", value=s.perplexity, **text),
+            AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **text),
+            AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **text),
         ])
-        typer.echo(f"{n}: perplexity {s.perplexity:.2f}, top-1 agreement {s.top1_agreement:.3f}, KL {s.mean_kl:.4f} ({s.tokens} tokens)")
+        answers = [{"prompt": p, "answer": a, "degenerate": r} for p, a, r in zip(prompts, c.answers, c.reasons)]
+        atomic_write_text(out_dir / f"answers-{n}.json", json.dumps({"member": n, "command": cmd, "answers": answers}, indent=2) + "\n")
+        typer.echo(f"{n}: chat agreement {c.agreement:.3f}, chat KL {c.kl:.3f}, degenerate {c.degenerate_share:.0%} "
+                   f"of {len(prompts)} answers; perplexity {s.perplexity:.2f} ({s.tokens} tokens); "
+                   f"first answer: {c.answers[0][:80]!r}")
         if model is not parent:
             del model
+    for n, why in load_family(family_dir).unfit.items():
+        typer.echo(f"{n}: unfit for routed traffic: {why}", err=True)
     if lm_eval_tasks:
         _lm_eval(fam, names, lm_eval_tasks, cmd)
 
@@ -220,19 +251,34 @@ def profile(
                    f"TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
 
 
+def _relative_ppl(member, parent) -> float | None:
+    """The member's newest held-out perplexity over the parent's on the same text (same data_sha256)."""
+    mine = member.latest("perplexity")
+    if parent is None or mine is None or mine.data_sha256 is None:
+        return None
+    same = [r for r in parent.accuracy if r.metric == "perplexity" and r.data_sha256 == mine.data_sha256]
+    return mine.value / same[-1].value if same and same[-1].value else None
+
+
 def show(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="verify with sha256 (default: size + mtime)")) -> None:
-    """The family as a table: size, accuracy, and latency per device class."""
+    """The family as a table: size, chat and held-out accuracy, latency per device class, and whether
+    routed traffic may reach each member (unfit members answer only when named)."""
     from rich.console import Console
     from rich.table import Table
 
     from family.registry import load_family
 
     fam = load_family(family_dir, verify="full" if full else "fast")
+    policy, unfit = fam.registry.fitness, fam.unfit
+    parent = next((m for m in fam.registry.members if m.name == fam.registry.parent), None)
     classes = sorted({dc for m in fam.registry.members for dc in m.latency})
     table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})",
-                  caption="ppl: held-out perplexity; agree: top-1 agreement with the parent; KL: mean KL(parent‖member), nats/token; "
+                  caption="chat agree: top-1 agreement with the parent's greedy answers on held-out chat prompts (what min_accuracy "
+                          "filters on); chat KL: KL(parent‖member) on those answers, nats/token; degenerate: share of held-out chat "
+                          "answers that are degenerate; ppl: held-out text perplexity; ppl/parent: over the parent's on the same text; "
+                          f"unfit (never routed to): degenerate > {policy.max_degenerate:.0%} or chat agree < {policy.min_chat_agreement:g}; "
                           "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; peak GB: worker RSS")
-    for col in ("member", "params (M)", "GB fp32", "GB bf16", "ppl", "agree", "KL"):
+    for col in ("member", "params (M)", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent"):
         table.add_column(col, justify="right" if col != "member" else "left")
     for dc in classes:
         table.add_column(f"TTFT ms {dc}", justify="right")
@@ -245,14 +291,18 @@ def show(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="ve
 
     for m in fam.registry.members:
         row = [m.name, f"{m.parameters / 1e6:.1f}", f"{m.bytes['float32'] / 1e9:.3f}", f"{m.bytes['bfloat16'] / 1e9:.3f}",
-               fmt(m.metric("perplexity"), ".2f"), fmt(m.quality, ".3f"), fmt(m.metric("mean_kl"), ".4f")]
+               fmt(m.quality, ".3f"), fmt(m.metric("chat_kl"), ".4f"), fmt(m.metric("degenerate_answers"), ".0%"),
+               fmt(m.metric("perplexity"), ".2f"), fmt(_relative_ppl(m, parent), ".2f")]
         for dc in classes:
             prof = m.latency.get(dc)
             one = [s for s in (prof.samples if prof else []) if s.concurrency == 1]
             row += [fmt(1e3 * min(s.ttft_s for s in one) if one else None, ".0f"),
                     fmt(len(one) / sum(s.tpot_s for s in one) if one else None, ".1f"),
                     fmt(prof.peak_memory_bytes / 1e9 if prof and prof.peak_memory_bytes else None, ".2f")]
-        row.append(f"problem: {fam.problems[m.name]}" if m.name in fam.problems else "ok")
+        if m.name in fam.problems:
+            row.append(f"problem: {fam.problems[m.name]}")
+        else:
+            row.append(f"unfit: {unfit[m.name]}" if m.name in unfit else "ok")
         table.add_row(*row)
     Console(width=200).print(table)
 

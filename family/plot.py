@@ -2,7 +2,7 @@
 
 Left: accuracy vs parameters. Right: accuracy vs time per output token at concurrency 1 on each
 profiled device class. Accuracy is held-out perplexity (log scale, lower is better) when measured,
-else quality (top-1 agreement with the parent, higher is better). The parent is a red star; the
+else quality (chat agreement with the parent, higher is better). The parent is a red star; the
 Pareto front (no other member both smaller/faster and more accurate) is drawn as a step line.
 """
 
@@ -38,7 +38,7 @@ def plot_family(registry: FamilyRegistry, out: Path, device_class: str | None = 
     """Write the PNG to `out` and return its path."""
     use_ppl = any(m.metric("perplexity") is not None for m in registry.members)
     score_of = (lambda m: m.metric("perplexity")) if use_ppl else (lambda m: m.quality)
-    label = "held-out perplexity (lower is better)" if use_ppl else "top-1 agreement with parent (higher is better)"
+    label = "held-out perplexity (lower is better)" if use_ppl else "chat agreement with parent (higher is better)"
     measured = [m for m in registry.members if score_of(m) is not None]
     classes = [device_class] if device_class else sorted({dc for m in registry.members for dc in m.latency})
     fig, (ax_size, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.6))

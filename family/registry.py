@@ -8,8 +8,10 @@ mtime; full: sha256) and a member that fails is reported by name and never offer
 What the gateway and the tools code against:
 - `load_family(root, verify=...) -> Family` (`.registry`, `.problems`, `.servable`, `.member_dir(name)`),
   `read_registry`, `save_registry`, `sync_family`, `member_name`, `parent_name`;
-- `MemberRecord.quality` (top-1 agreement with the parent; the parent is 1.0), `.metric("perplexity")`,
+- `MemberRecord.quality` (chat agreement with the parent; the parent is 1.0), `.metric("perplexity")`,
   `memory_bytes(record, device_class, dtype)`, `members_fitting(family, device_class=..., ...)`;
+- fitness: `FamilyRegistry.fitness` (a `FitnessPolicy`), `MemberRecord.unfit_reason(policy)`,
+  `Family.unfit` (servable members kept from routed traffic, with why), `Family.set_fitness(policy)`;
 - `family.latency.predict_latency(record, device_class, prompt_tokens, output_tokens, concurrency)`;
 - `Family.record(name, accuracy=..., latency=...)`: add measurements under a lock, merged with what
   other processes saved meanwhile (`sync_family` takes the same lock).
@@ -55,11 +57,13 @@ class FileRecord(_Model):
 class AccuracyRecord(_Model):
     """One measured accuracy figure, with enough context to reproduce it."""
 
-    metric: str  # "perplexity", "top1_agreement", "mean_kl", "lm_eval:<task>", ...
+    # "chat_agreement", "chat_kl", "degenerate_answers" (held-out chat prompts), "perplexity",
+    # "top1_agreement", "mean_kl" (held-out plain text), "lm_eval:<task>", ...
+    metric: str
     value: float
     data: str  # file path or dataset name
     data_sha256: str | None = None
-    tokens: int | None = None
+    tokens: int | None = None  # tokens scored; for "degenerate_answers", the number of prompts
     reference: str | None = None  # the member compared against (agreement, KL)
     command: str = ""
     measured_at: str = Field(default_factory=now_iso)
@@ -92,6 +96,22 @@ class LatencyProfile(_Model):
     measured_at: str = Field(default_factory=now_iso)
 
 
+def _percent(share: float) -> str:
+    """0.125 → "12%", but 0.003 → "0.3%": a small nonzero share must not read as 0%."""
+    return f"{share:.1%}" if 0 < share < 0.01 else f"{share:.0%}"
+
+
+class FitnessPolicy(_Model):
+    """When a member is unfit for routed traffic, whatever the caller's budget (issue 10).
+
+    Per family, in family.json: a member that answers chat prompts with blank lines or `<unk>` can still
+    score well on plain-text perplexity, and a caller's `min_accuracy` is a preference, not a guard.
+    """
+
+    min_chat_agreement: float = Field(default=defaults.MIN_CHAT_AGREEMENT, ge=0.0, le=1.0)
+    max_degenerate: float = Field(default=0.0, ge=0.0, le=1.0)  # share of held-out chat prompts
+
+
 class MemberRecord(_Model):
     name: str
     path: str  # relative to the family folder
@@ -109,14 +129,40 @@ class MemberRecord(_Model):
 
     def metric(self, metric: str) -> float | None:
         """The newest record of `metric`, or None."""
+        found = self.latest(metric)
+        return found.value if found else None
+
+    def latest(self, metric: str) -> AccuracyRecord | None:
+        """The newest whole record of `metric` (its data, tokens, reference), or None."""
         found = [r for r in self.accuracy if r.metric == metric]
-        return found[-1].value if found else None
+        return found[-1] if found else None
 
     @property
     def quality(self) -> float | None:
-        """The routing accuracy score in [0, 1]: top-1 next-token agreement with the parent on held-out
-        text (the parent is 1.0 by definition). None until `family eval` has measured it."""
-        return 1.0 if self.is_parent else self.metric("top1_agreement")
+        """The routing accuracy score in [0, 1]: chat agreement, the teacher-forced top-1 agreement with
+        the parent's greedy answers on held-out chat prompts (the parent is 1.0 by definition). None
+        until `family eval` has measured it; plain-text top1_agreement is not a stand-in, so that
+        `min_accuracy` has one meaning."""
+        return 1.0 if self.is_parent else self.metric("chat_agreement")
+
+    def unfit_reason(self, policy: FitnessPolicy) -> str | None:
+        """Why routed traffic must not reach this member under `policy`, or None.
+
+        The parent is never unfit (it is what the others are measured against); a member not measured
+        yet is not unfit either (it then fits only budgets without `min_accuracy`). ASCII only: the
+        reason travels in the `x-family-warning` header.
+        """
+        if self.is_parent:
+            return None
+        reasons = []
+        degenerate = self.latest("degenerate_answers")
+        if degenerate is not None and degenerate.value > policy.max_degenerate:
+            of = f" of {degenerate.tokens} prompts" if degenerate.tokens else ""
+            reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{of} (max {_percent(policy.max_degenerate)})")
+        agreement = self.metric("chat_agreement")
+        if agreement is not None and agreement < policy.min_chat_agreement:
+            reasons.append(f"chat agreement {agreement:.3f} < {policy.min_chat_agreement:g}")
+        return "; ".join(reasons) or None
 
     def memory_bytes(self, device_class: str | None = None, dtype: str = "float32") -> int:
         """Peak memory measured while serving on `device_class`, else the weights' bytes at `dtype`."""
@@ -133,6 +179,7 @@ class FamilyRegistry(_Model):
     name: str
     parent: str  # name of the parent member
     members: list[MemberRecord] = Field(default_factory=list)
+    fitness: FitnessPolicy = Field(default_factory=FitnessPolicy)  # absent in older files: the defaults
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
 
@@ -162,6 +209,12 @@ class Family:
     def servable(self) -> list[MemberRecord]:
         return [m for m in self.registry.members if m.name not in self.problems]
 
+    @property
+    def unfit(self) -> dict[str, str]:
+        """Servable members that routed traffic never reaches (they answer when pinned), with why."""
+        policy = self.registry.fitness
+        return {m.name: why for m in self.servable if (why := m.unfit_reason(policy))}
+
     def member_dir(self, name: str) -> Path:
         return self.root / self.registry.member(name).path
 
@@ -189,6 +242,16 @@ class Family:
                     for fname, f in m.files.items():
                         if fname in mine.files and mine.files[fname].sha256 == f.sha256:
                             f.mtime_ns = mine.files[fname].mtime_ns
+            save_registry(self.root, fresh)
+            self.registry = fresh
+
+    def set_fitness(self, policy: FitnessPolicy) -> None:
+        """Store the family's fitness policy, merged under the same lock as `record` (measurements that
+        another process saved meanwhile are kept); the in-memory registry becomes the merged one.
+        A running gateway reads it at start-up."""
+        with registry_lock(self.root):
+            fresh = read_registry(self.root)
+            fresh.fitness = policy.model_copy()
             save_registry(self.root, fresh)
             self.registry = fresh
 
@@ -405,6 +468,7 @@ def members_fitting(
     output_tokens: int = defaults.DEFAULT_MAX_TOKENS,
     context_tokens: int | None = None,
     concurrency: int = 1,
+    include_unfit: bool = False,
 ) -> list[MemberRecord]:
     """The members whose registry figures meet every given limit, best first.
 
@@ -413,16 +477,21 @@ def members_fitting(
     out (a member never profiled there fits only when no latency limit is given); accuracy is
     `m.quality` (an unmeasured member fits only without `min_accuracy`); the context needed is
     `context_tokens`, else prompt + output, and must not exceed the member's max_model_len. With a
-    `Family`, only servable members (verified files) are considered. Best first: higher quality, then
-    lower perplexity, then fewer parameters. The gateway adds live load on top of this.
+    `Family`, only servable members (verified files) are considered; members unfit under the family's
+    fitness policy are left out unless `include_unfit` (routed traffic never reaches them). Best
+    first: higher quality, then lower perplexity, then fewer parameters. The gateway adds live load on
+    top of this.
     """
     from family.latency import predict_latency
 
     members = family.servable if isinstance(family, Family) else list(family.members)
+    policy = family.registry.fitness if isinstance(family, Family) else family.fitness
     need = context_tokens if context_tokens is not None else prompt_tokens + output_tokens
     fits = []
     for m in members:
         if need > m.max_model_len:
+            continue
+        if not include_unfit and m.unfit_reason(policy):
             continue
         if max_memory_gb is not None and m.memory_bytes(device_class) / 1e9 > max_memory_gb:
             continue

@@ -63,7 +63,7 @@ class Figures:
     @classmethod
     def from_family_json(cls, data: dict, device_class: str | None = None) -> "Figures":
         workers = data.get("workers") or []
-        reg = FamilyRegistry.model_validate({k: v for k, v in data.items() if k not in ("problems", "workers")})
+        reg = FamilyRegistry.model_validate({k: v for k, v in data.items() if k not in ("problems", "unfit", "workers")})
         problems = data.get("problems") or {}
         if problems:
             reg.members = [m for m in reg.members if m.name not in problems]
@@ -213,9 +213,12 @@ def _rank(m: MemberRecord) -> tuple:
 
 def static_choice(fig: Figures, budget: dict, prompt_tokens: int, max_tokens: int) -> str:
     """The static-table baseline: the most accurate member whose *registry* figures fit the budget at a
-    load of one request (no live load, no observations); if none fits, the one predicted fastest."""
+    load of one request (no live load, no observations); if none fits, the one predicted fastest.
+    Never an unfit member (the gateway never routes to one either)."""
     fits, fallback = [], []
     for m in fig.registry.members:
+        if m.unfit_reason(fig.registry.fitness):
+            continue
         pred = fig.predict(m, prompt_tokens, max_tokens, 1)
         fallback.append((pred.e2e_s if pred else float("inf"), m.name))
         if "max_memory_gb" in budget and fig.memory_gb(m) > budget["max_memory_gb"]:

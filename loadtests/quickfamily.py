@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     grams = None
     if args.method == "whitened":
-        ids = tokenize(tok, read_source(str(defaults.CALIB_TEXT)).text)
+        ids = tokenize(tok, read_source(str(defaults.WIKITEXT_VALID)).text)
         grams = collect_grams(parent, pack(ids, args.calib_seq_len, args.calib_sequences, seed=0))
     specs = spectra(parent, grams) if grams is not None else _plain_spectra_f32(parent)
     del grams

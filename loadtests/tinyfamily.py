@@ -13,7 +13,7 @@ from pathlib import Path
 
 NAME = "tiny"
 DEVICE_CLASS = "test-cpu"
-QUALITY = {"tiny-p100": 1.0, "tiny-p80": 0.9, "tiny-p60": 0.7}
+QUALITY = {"tiny-p100": 1.0, "tiny-p80": 0.9, "tiny-p60": 0.7}  # recorded as chat_agreement (what routing reads)
 PERPLEXITY = {"tiny-p100": 20.0, "tiny-p80": 24.0, "tiny-p60": 35.0}
 # ttft = a0 + a1·p + a2·p·(c−1) + a3·(c−1);  tpot = b0 + b1·(c−1) + b2·c·(p + o/2)   (family/latency.py)
 LATENCY = {  # slower than the tiny models really are, so live correction stays inside the router's [0.1, 10] ratio
@@ -48,7 +48,8 @@ def build_tiny_family(root: Path, device_class: str = DEVICE_CLASS, latency: dic
     fam = load_family(root)
     for m in fam.registry.members:
         m.accuracy += [AccuracyRecord(metric="perplexity", value=PERPLEXITY[m.name], data="test figures"),
-                       AccuracyRecord(metric="top1_agreement", value=QUALITY[m.name], data="test figures")]
+                       AccuracyRecord(metric="chat_agreement", value=QUALITY[m.name], data="test figures"),
+                       AccuracyRecord(metric="degenerate_answers", value=0.0, data="test figures", tokens=8)]
         m.latency[device_class] = LatencyProfile(device_class=device_class, engine="torch", latency_model=(latency or LATENCY)[m.name])
     fam.save()
     return root

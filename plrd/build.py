@@ -1,8 +1,15 @@
-"""Progression: factorize → heal → save a member → factorize that member at a lower target → …
+"""Progression: factorize → refit → heal → save a member → factorize that member at a lower target → …
 
-Each member is cut from the previous (healed) one, as in the PLRD paper, so healing compounds. A
-member folder appears only when complete (written atomically with its provenance.json), which makes a
-build resumable: rerun the same command after a crash and finished members are loaded, not redone.
+Each member is cut from the previous (healed) one, as in the PLRD paper: its ranks come from the
+whitened spectra of the previous member. With `init="refit"` (the default) every projection is then
+refit, layer by layer, to the *parent's* outputs (plrd/refit.py), and healing distils from the parent
+too, so errors do not compound down the family: every member is anchored to the parent.
+
+The data is the parent's own (`calib="parent"`, plrd/corpus.py): its answers to the shipped chat
+prompts and its continuations of the shipped text openers, made once and cached under the runs
+folder. A text source (file, JSONL, hf:) can replace it. A member folder appears only when complete
+(written atomically with its provenance.json), which makes a build resumable: rerun the same command
+after a crash and finished members are loaded, not redone.
 
 On GPUs the same command runs data-parallel healing unchanged: `accelerate launch -m family.cli build ...`.
 """
@@ -21,14 +28,17 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
+from family import defaults
 from family.errors import FamilyError
 from family.registry import member_name, now_iso, parent_name, sync_family
 from family.storage import atomic_dir, atomic_write_text
 from plrd.calibrate import collect_grams
+from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import Allocation, Method, count_parameters, factorize
 from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent
+from plrd.refit import sequential_refit
 
 PROVENANCE = "provenance.json"
 
@@ -43,9 +53,12 @@ class BuildConfig:
     heal: HealConfig
     method: Method = "whitened"
     allocation: Allocation = "allocated"
+    init: str = "refit"  # "refit": sequential closed-form refit to the parent; "svd": the truncated SVD alone
     calib_sequences: int = 64
-    calib_seq_len: int = 512
+    calib_seq_len: int = 256
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
+    runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
 
@@ -110,8 +123,11 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         raise FamilyError("targets must be non-empty and strictly decreasing")
     if any(not 0.0 < t < 1.0 for t in cfg.targets):
         raise FamilyError(f"targets must be fractions of the parent's parameters in (0, 1), got {cfg.targets}")
+    if cfg.init not in ("refit", "svd"):
+        raise FamilyError(f"unknown init {cfg.init!r} (refit or svd)")
     name = cfg.name or default_family_name(cfg.parent)
-    source = read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
+    from_parent = cfg.calib == defaults.CALIB_PARENT
+    source = None if from_parent else read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
     parent, tokenizer = load_parent(cfg.parent)
     parent_params = count_parameters(parent)
     out = Path(cfg.out)
@@ -133,7 +149,14 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         sync_family(out, parent_dir=parent_dir, family_name=name)
     state.wait_for_everyone()
 
-    ids = tokenize(tokenizer, source.text)
+    if from_parent:
+        corpus = make_corpus(parent, tokenizer, parent_dir, cfg.runs_dir, cfg.corpus, progress=progress and state.is_main_process)
+        ids = corpus.token_ids()
+        data_record = {"source": "parent", "corpus": str(corpus.folder), "sha256": corpus.meta["sha256"],
+                       "tokens": corpus.meta["tokens"], "generated_tokens": corpus.meta["generated_tokens"], "config": corpus.meta["config"]}
+    else:
+        ids = tokenize(tokenizer, source.text)
+        data_record = {"source": source.spec, "sha256": source.sha256}
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
     heal_rows = pack(ids, cfg.heal.seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -151,9 +174,14 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         grams = collect_grams(current, calib, progress=progress) if cfg.method == "whitened" else None
         member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, progress=progress)
         del grams
+        refit_s = None
+        if cfg.init == "refit":
+            t_refit = time.perf_counter()
+            sequential_refit(parent, member, calib, progress=progress)
+            refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
         if cfg.heal.tokens > 0:
-            teacher = parent if cfg.heal.distill_weight > 0 else None
+            teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
             heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress)
         params = count_parameters(member)
         if not state.is_main_process:
@@ -174,12 +202,12 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                     "achieved_fraction": params / parent_params,
                     "parent": parent_name(name),
                     "derived_from": current_name,
+                    "init": {"method": cfg.init, "anchor": parent_name(name), "seconds": refit_s} if cfg.init == "refit" else {"method": "svd"},
                     "calibration": {
-                        "source": source.spec, "sha256": source.sha256,
-                        "sequences": cfg.calib_sequences, "seq_len": cfg.calib_seq_len,
-                    } if cfg.method == "whitened" else None,
+                        **data_record, "sequences": cfg.calib_sequences, "seq_len": cfg.calib_seq_len,
+                    },
                     "healing": {**asdict(cfg.heal), **(_heal_record(heal_result) if heal_result else {"steps": 0})},
-                    "healing_data": {"source": source.spec, "sha256": source.sha256},
+                    "healing_data": data_record,
                     "distillation": {
                         "teacher": parent_name(name), "weight": cfg.heal.distill_weight, "temperature": cfg.heal.temperature,
                     } if cfg.heal.distill_weight > 0 and cfg.heal.tokens > 0 else None,

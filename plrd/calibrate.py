@@ -32,8 +32,8 @@ def collect_grams(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4
 
     def hook_for(path: str):
         def hook(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            g = x.T @ x
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            g = (x.T @ x).double()  # float32 product per batch (10x faster than float64), float64 sum
             if path in grams:
                 grams[path] += g
             else:

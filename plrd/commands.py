@@ -28,37 +28,45 @@ def fetch_base(
 def build(
     parent: str = typer.Option(str(defaults.DEFAULT_PARENT_DIR), help="parent: HF model folder, .gguf file or hub id"),
     targets: str = typer.Option("0.9,0.8,0.7", help="fractions of the parent's parameters, strictly decreasing"),
-    calib: str = typer.Option(str(defaults.CALIB_TEXT), help="calibration/healing text: file.txt, file.jsonl[:field] or hf:owner/name[/config][:split][#field]"),
+    calib: str = typer.Option(defaults.CALIB_PARENT, help="calibration/healing data: 'parent' (the parent's own answers to the shipped prompts, cached under the runs folder), or text: file.txt, file.jsonl[:field] or hf:owner/name[/config][:split][#field]"),
     heal_tokens: int = typer.Option(0, help="healing token budget per member (0 = no healing)"),
+    init: str = typer.Option("refit", help="refit (layer-by-layer closed-form refit of every projection to the parent) or svd (the truncated SVD alone)"),
+    corpus_samples: int = typer.Option(1, min=1, help="with --calib parent: sampled answers per seed prompt"),
+    corpus_answer_tokens: int = typer.Option(96, min=8, help="with --calib parent: most tokens per answer"),
+    corpus_prompts: int = typer.Option(0, min=0, help="with --calib parent: use the first N seed prompts (0 = all)"),
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
     allocation: str = typer.Option("allocated", help="allocated (rank where truncation costs most) or uniform"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(64, help="calibration sequences"),
-    calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
+    calib_seq_len: int = typer.Option(256, help="calibration sequence length"),
     seq_len: int = typer.Option(256, help="healing sequence length"),
     batch_size: int = typer.Option(4, help="healing micro-batch (sequences)"),
     grad_accum: int = typer.Option(2, help="gradient accumulation steps"),
     lr: float = typer.Option(3e-4, help="peak learning rate (AdamW, warm-up then cosine)"),
-    train: str = typer.Option("factors", help="factors (only the low-rank factors) or all"),
-    distill: bool = typer.Option(False, "--distill/--no-distill", help="distill from the parent while healing (KL on logits)"),
-    distill_weight: float = typer.Option(0.5, help="with --distill: weight of the KL term (1 - weight on the LM loss)"),
-    temperature: float = typer.Option(2.0, help="distillation temperature"),
+    train: str = typer.Option("factors", help="factors (only the low-rank factors), blocks (every decoder-layer parameter) or all"),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="distill from the parent while healing (forward KL on logits); --no-distill: LM loss only"),
+    distill_weight: float = typer.Option(1.0, help="with --distill: weight of the KL term (1 - weight on the LM loss)"),
+    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    hidden_weight: float = typer.Option(0.0, min=0.0, help="with --distill: weight of a hidden-state MSE to the parent (every layer)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast while healing (default: where the hardware does bf16 natively)", show_default=False),
     seed: int = typer.Option(defaults.SEED),
 ) -> None:
-    """Build a family: factorize → heal → save, each member cut from the previous one. Resumable."""
+    """Build a family: factorize → refit → heal by distillation → save, each member cut from the previous one. Resumable."""
     from family.errors import FamilyError
     from plrd.build import BuildConfig, build_family, parse_targets
+    from plrd.corpus import CorpusConfig
     from plrd.heal import HealConfig
 
     if method not in ("whitened", "plain"):
         raise FamilyError(f"--method must be whitened or plain, got {method!r}")
     if allocation not in ("allocated", "uniform"):
         raise FamilyError(f"--allocation must be allocated or uniform, got {allocation!r}")
-    if train not in ("factors", "all"):
-        raise FamilyError(f"--train must be factors or all, got {train!r}")
+    if train not in ("factors", "blocks", "all"):
+        raise FamilyError(f"--train must be factors, blocks or all, got {train!r}")
+    if init not in ("refit", "svd"):
+        raise FamilyError(f"--init must be refit or svd, got {init!r}")
     if heal_tokens < 0:
         raise FamilyError(f"--heal-tokens must be ≥ 0, got {heal_tokens}")
     if not 0.0 <= distill_weight <= 1.0 or temperature <= 0:
@@ -67,12 +75,14 @@ def build(
         raise FamilyError("--calib-sequences, --calib-seq-len, --seq-len, --batch-size, --grad-accum must be ≥ 1 and --lr > 0")
     heal_cfg = HealConfig(
         tokens=heal_tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, train=train,
-        distill_weight=distill_weight if distill else 0.0, temperature=temperature, bf16=bf16, seed=seed,
+        distill_weight=distill_weight if distill else 0.0, temperature=temperature, hidden_weight=hidden_weight if distill else 0.0,
+        bf16=bf16, seed=seed,
     )
+    corpus = CorpusConfig(samples_per_prompt=corpus_samples, max_new_tokens=corpus_answer_tokens, max_prompts=corpus_prompts or None, seed=seed)
     cfg = BuildConfig(
         parent=Path(parent) if Path(parent).exists() else parent, targets=parse_targets(targets), calib=calib, out=out,
-        name=name or None, heal=heal_cfg, method=method, allocation=allocation, calib_sequences=calib_sequences, calib_field=calib_field or None,
-        calib_seq_len=calib_seq_len, seed=seed,
+        name=name or None, heal=heal_cfg, method=method, allocation=allocation, init=init, calib_sequences=calib_sequences,
+        calib_field=calib_field or None, calib_seq_len=calib_seq_len, corpus=corpus, seed=seed,
     )
     for path in build_family(cfg):
         typer.echo(f"member ready: {path}")

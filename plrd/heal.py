@@ -41,9 +41,10 @@ class HealConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
-    train: str = "factors"  # "factors": only LowRankLinear factors; "all": every parameter
+    train: str = "factors"  # "factors": only LowRankLinear factors; "blocks": every decoder-layer parameter; "all": every parameter
     distill_weight: float = 0.0  # 0 = pure LM loss; 1 = pure KL to the teacher
-    temperature: float = 2.0
+    temperature: float = 1.0
+    hidden_weight: float = 0.0  # with a teacher: weight of the hidden-state MSE (every layer's output, scaled by the teacher's variance)
     bf16: bool | None = None  # None: bf16 autocast where the hardware does bf16 natively (bf16_is_fast)
     seed: int = 0
 
@@ -55,19 +56,21 @@ class HealResult:
     seconds: float
     first_loss: float
     final_loss: float  # mean over the last 10% of steps
-    losses: list[float] = field(default_factory=list, repr=False)  # LM loss per optimizer step (the curve)
+    losses: list[float] = field(default_factory=list, repr=False)  # the objective per optimizer step (the curve)
     bf16: bool = False  # whether bf16 autocast was used
 
 
 def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
     if train == "all":
         params = list(model.parameters())
+    elif train == "blocks":
+        params = [p for layer in model.model.layers for p in layer.parameters()]
     elif train == "factors":
         params = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
         if not params:
             raise FamilyError("--train factors: this model has no factored projections to train")
     else:
-        raise FamilyError(f"unknown --train {train!r} (factors or all)")
+        raise FamilyError(f"unknown --train {train!r} (factors, blocks or all)")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -95,6 +98,13 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(s, q, log_target=True, reduction="none").sum(-1).mean() * t * t
 
 
+def hidden_mse(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers of MSE(student, teacher) / Var(teacher): every layer's output pulled toward
+    the parent's, each on its own scale (the residual stream grows with depth)."""
+    terms = [F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-6) for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
 def heal(
     model: nn.Module,
     sequences: torch.Tensor,
@@ -105,7 +115,7 @@ def heal(
     """Train `model` in place on rows of `sequences` (N × seq_len) until `cfg.tokens` are seen."""
     if cfg.tokens <= 0:
         return HealResult(0, 0, 0.0, float("nan"), float("nan"))
-    if cfg.distill_weight > 0 and teacher is None:
+    if (cfg.distill_weight > 0 or cfg.hidden_weight > 0) and teacher is None:
         raise FamilyError("distillation asked for, but no teacher model given")
     # One process may heal several members with different settings; keep the distributed state
     # (PartialState), forget the previous run's mixed-precision choice.
@@ -136,13 +146,16 @@ def heal(
     start = time.perf_counter()
     for batch in loader:
         with accelerator.accumulate(model):
-            out = model(input_ids=batch, labels=batch, use_cache=False)
+            want_hidden = teacher is not None and cfg.hidden_weight > 0
+            out = model(input_ids=batch, labels=batch, use_cache=False, output_hidden_states=want_hidden)
             loss = out.loss
-            if teacher is not None and cfg.distill_weight > 0:
+            if teacher is not None and (cfg.distill_weight > 0 or want_hidden):
                 with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                kl = distill_kl(out.logits, teacher_logits, cfg.temperature)
+                    t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
+                kl = distill_kl(out.logits, t_out.logits, cfg.temperature)
                 loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
+                if want_hidden:
+                    loss = loss + cfg.hidden_weight * hidden_mse(out.hidden_states, t_out.hidden_states)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, 1.0)
@@ -150,9 +163,9 @@ def heal(
             scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
-            losses.append(out.loss.item())
+            losses.append(loss.item())  # the objective: LM loss, KL, or their mix
         bar.update(batch.numel() * accelerator.num_processes)
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lm=f"{out.loss.item():.3f}", tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     bar.close()
     model.eval()
     for p in accelerator.unwrap_model(model).parameters():

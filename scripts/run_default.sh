@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The embedded default in one command, on a fresh machine (CPU is enough):
-#   set up .venv -> fetch the real SmolLM2-135M parent -> build a small low-rank family (PLRD)
-#   -> evaluate it -> profile it on this machine -> serve it behind the budget-routing gateway.
+#   set up .venv -> fetch the real SmolLM2-135M parent -> the parent answers the shipped chat prompts
+#   (its distillation corpus) -> build a small low-rank family (PLRD: whitened SVD, sequential refit to
+#   the parent, distillation from the parent) -> evaluate its faithfulness to the parent on held-out
+#   chat -> profile it on this machine -> serve it behind the budget-routing gateway.
+# Nothing outside this repository is needed (no ../shared): every text it uses ships in family/data.
 #
 #   bash scripts/run_default.sh
 #
 # Every step is resumable / skipped when its result is already there, so running it again just serves.
 # Knobs (environment variables, defaults in brackets):
 #   FAMILY_DIR [runs/family-smollm2-135m]   PARENT_DIR [runs/parent-smollm2-135m]
-#   TARGETS [0.9,0.8,0.7]   HEAL_TOKENS [20000 per member; 0 = no healing]   CALIB_SEQUENCES [32]
-#   EVAL_WINDOWS [10]   PROFILE_ROUNDS [1]   DEVICE_CLASS [cpu-2core]   ENGINE [torch|vllm]
+#   TARGETS [0.9,0.8,0.7]   HEAL_TOKENS [20000 distillation tokens per member; 0 = no healing]
+#   CALIB_SEQUENCES [64 of 256 tokens]   EVAL_WINDOWS [40, of the shipped held-out text]   PROFILE_ROUNDS [1]   DEVICE_CLASS [cpu-2core]   ENGINE [torch|vllm]
 #   HOST [127.0.0.1]   PORT [8000]   SKIP_SETUP [0]   REMEASURE [0: keep existing eval/profile records]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +21,8 @@ FAMILY_DIR=${FAMILY_DIR:-runs/family-smollm2-135m}
 PARENT_DIR=${PARENT_DIR:-runs/parent-smollm2-135m}
 TARGETS=${TARGETS:-0.9,0.8,0.7}
 HEAL_TOKENS=${HEAL_TOKENS:-20000}
-CALIB_SEQUENCES=${CALIB_SEQUENCES:-32}
-EVAL_WINDOWS=${EVAL_WINDOWS:-10}
+CALIB_SEQUENCES=${CALIB_SEQUENCES:-64}
+EVAL_WINDOWS=${EVAL_WINDOWS:-40}
 PROFILE_ROUNDS=${PROFILE_ROUNDS:-1}
 DEVICE_CLASS=${DEVICE_CLASS:-cpu-2core}
 ENGINE=${ENGINE:-torch}
@@ -41,9 +44,9 @@ if [ ! -f "$PARENT_DIR/config.json" ]; then
   family fetch-base smollm2-135m --out "$PARENT_DIR"
 fi
 
-step "build the family: targets $TARGETS, heal $HEAL_TOKENS tokens per member -> $FAMILY_DIR (resumable)"
+step "build the family: the parent's own corpus, targets $TARGETS, refit, distil $HEAL_TOKENS tokens per member -> $FAMILY_DIR (resumable)"
 family build --parent "$PARENT_DIR" --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
-  --calib-sequences "$CALIB_SEQUENCES" --out "$FAMILY_DIR"
+  --calib-sequences "$CALIB_SEQUENCES" --train blocks --out "$FAMILY_DIR"
 
 # What is still to measure: members without an agreement figure / without a profile on this device class.
 missing() {
@@ -53,7 +56,7 @@ from family.registry import load_family
 fam = load_family(sys.argv[1])
 what = sys.argv[3]
 for m in fam.servable:
-    if what == "eval" and not m.is_parent and m.metric("top1_agreement") is None:
+    if what == "eval" and not m.is_parent and m.metric("chat_agreement") is None:
         print(m.name)
     elif what == "profile" and sys.argv[2] not in m.latency:
         print(m.name)
@@ -62,7 +65,7 @@ EOF
 
 todo=$([ "$REMEASURE" = 1 ] && echo all || missing eval)
 if [ -n "$todo" ]; then
-  step "evaluate: perplexity, top-1 agreement and KL against the parent ($EVAL_WINDOWS windows of held-out WikiText-2)"
+  step "evaluate faithfulness to the parent: held-out chat agreement, KL, degenerate answers; held-out text perplexity"
   family eval --family "$FAMILY_DIR" --windows "$EVAL_WINDOWS"
 fi
 todo=$([ "$REMEASURE" = 1 ] && echo all || missing profile)

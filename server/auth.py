@@ -1,43 +1,20 @@
-"""Optional bearer API keys: who is calling, their default budget and their rate limit.
+"""Optional bearer API keys: who is calling, how fast and how much at once they may call.
 
-    keys:
-      - key: sk-team-a
-        name: team-a
-        requests_per_minute: 120
-        budget: {max_latency_ms: 3000}
-      - key: sk-ops
-        name: ops
-        admin: true            # may read /v1/family worker details and /metrics
-
-Without a keys file the gateway is open. Rate limits are a token bucket per key, per gateway replica.
+The keys file and what a key may hold are `server.keys`; what a key may use (members, a budget
+ceiling) is applied by `server.caps`. Here: identify the caller (401), their rate (a token bucket per
+key, per gateway replica: 429 with Retry-After) and their concurrency (requests in flight at once,
+streams until they end: 429 too). Without a keys file the gateway is open.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from family.errors import FamilyError
 from server.errors import APIError
-from server.protocol import Budget
-
-
-class KeySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    key: str = Field(min_length=8)
-    name: str
-    admin: bool = False
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    budget: Budget | None = None
-
-
-class KeysFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    keys: list[KeySpec]
+from server.keys import KeySpec, KeyStore
 
 
 @dataclass
@@ -59,48 +36,67 @@ class _Bucket:
 
 
 class Auth:
-    def __init__(self, keys: list[KeySpec] | None = None):
-        self.keys = {k.key: k for k in keys or []}
-        self.buckets = {
-            k.key: _Bucket(k.requests_per_minute / 60, max(1.0, k.requests_per_minute / 60), max(1.0, k.requests_per_minute / 60))
-            for k in keys or [] if k.requests_per_minute
-        }
+    def __init__(self, keys: list[KeySpec] | None = None, *, store: KeyStore | None = None):
+        self.store = store or KeyStore(keys)
+        self._buckets: dict[str, tuple[float, _Bucket]] = {}  # key hash → (its rate when made, bucket)
+        self._in_flight: dict[str, int] = {}
 
     @classmethod
-    def from_file(cls, path: Path | None) -> "Auth":
-        if path is None:
-            return cls()
-        path = Path(path)
-        if not path.is_file():
-            raise FamilyError(f"api keys file not found: {path}")
-        try:
-            return cls(KeysFile.model_validate(yaml.safe_load(path.read_text()) or {}).keys)
-        except (yaml.YAMLError, ValidationError) as exc:
-            raise FamilyError(f"api keys file {path} is invalid: {str(exc).splitlines()[0]}") from exc
+    def from_file(cls, path: Path | None, members: set[str] | None = None) -> "Auth":
+        """Keys from `path` (re-read when it changes); `members`: the names a key's `members` may list."""
+        return cls() if path is None else cls(store=KeyStore(path=path, members=members))
 
     @property
     def enabled(self) -> bool:
-        return bool(self.keys)
+        return self.store.enabled
 
     def identify(self, authorization: str | None) -> KeySpec | None:
         """The caller's key (None when keys are off); 401 for a missing or unknown key."""
         if not self.enabled:
             return None
         token = (authorization or "").removeprefix("Bearer ").strip()
-        spec = self.keys.get(token)
+        spec = self.store.lookup(token)
         if spec is None:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", type="authentication_error", code="invalid_api_key")
         return spec
 
     def admit(self, spec: KeySpec | None) -> None:
         """429 with Retry-After when the key is over its rate."""
-        if spec is None or spec.key not in self.buckets:
+        if spec is None or not spec.requests_per_minute:
             return
-        wait = self.buckets[spec.key].take()
+        rate = spec.requests_per_minute / 60
+        held = self._buckets.get(spec.sha256)
+        if held is None or held[0] != rate:  # new key, or its rate changed in the file
+            burst = max(1.0, rate)
+            held = self._buckets[spec.sha256] = (rate, _Bucket(rate, burst, burst))
+        wait = held[1].take()
         if wait > 0:
             raise APIError(429, f"rate limit of {spec.requests_per_minute:g} requests/minute for {spec.name} exceeded",
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait)))})
 
+    def acquire(self, spec: KeySpec | None) -> Callable[[], None]:
+        """Take one of the key's concurrent slots (429 when none is free); returns the call that gives it back."""
+        if spec is None or spec.max_concurrent is None:
+            return _nothing
+        h = spec.sha256
+        if self._in_flight.get(h, 0) >= spec.max_concurrent:
+            raise APIError(429, f"{spec.name} already has {spec.max_concurrent} requests in flight (its concurrency limit)",
+                           type="rate_limit_error", code="concurrency_limit_exceeded", headers={"Retry-After": "1"})
+        self._in_flight[h] = self._in_flight.get(h, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._in_flight[h] -= 1
+
+        return release
+
     def require_admin(self, spec: KeySpec | None) -> None:
         if self.enabled and (spec is None or not spec.admin):
             raise APIError(403, "this endpoint needs an admin key", type="permission_error", code="admin_required")
+
+
+def _nothing() -> None:
+    pass

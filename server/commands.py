@@ -77,7 +77,8 @@ def serve(
     port: int = typer.Option(defaults.GATEWAY_PORT),
     engine: str = typer.Option("torch", help="engine for local workers: torch or vllm"),
     device_class: str = typer.Option("cpu-2core", help="device class of local workers (selects their latency profiles)"),
-    api_keys: Path = typer.Option(None, help="keys.yaml: bearer keys with per-key budgets and rate limits"),
+    api_keys: Path = typer.Option(None, help="keys.yaml: hashed bearer keys with per-key budgets, caps, rate and concurrency limits (re-read when it changes)"),
+    max_body_bytes: int = typer.Option(1 << 20, help="largest request body accepted (413 past it, checked while reading)"),
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
     worker_threads: int = typer.Option(0, help="local torch workers: CPU threads each (0 = this machine's cores shared out evenly)"),
@@ -98,6 +99,7 @@ def serve(
     from server.auth import Auth
     from server.fleet import LocalWorkers, load_fleet
     from server.gateway import create_app
+    from server.limits import Limits
 
     fam = load_family(family_dir)
     for name, why in fam.problems.items():
@@ -108,7 +110,9 @@ def serve(
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
     if worker_threads < 0:
         raise FamilyError(f"--worker-threads must be 0 (cores shared out evenly) or positive, got {worker_threads}")
-    auth = Auth.from_file(api_keys)
+    if max_body_bytes < 1024:
+        raise FamilyError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    auth = Auth.from_file(api_keys, members=set(fam.registry.names()))
     # SIGTERM stops the gateway like Ctrl-C does, through the `finally` below that stops local workers
     # (uvicorn re-raises the signal it caught once it has shut down; the default action would skip it).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -120,7 +124,8 @@ def serve(
             typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
             local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None)
             specs = local.specs
-        app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval)
+        limits = Limits.for_context(max(m.max_model_len for m in fam.servable), max_body_bytes=max_body_bytes)
+        app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval, limits=limits)
         typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)
         gc.collect()
         gc.freeze()  # start-up objects (tokenizers, registry, imports) out of the collector's way: shorter GC pauses
@@ -130,6 +135,29 @@ def serve(
             local.close()
 
 
+def hash_key(
+    key: str = typer.Argument(None, help="the bearer key; read from stdin when omitted (keeps it out of shell history)"),
+    new: bool = typer.Option(False, "--new", help="make a new random key and print it with its hash"),
+) -> None:
+    """Print the sha256 a keys file stores for an API key (`sha256:` in keys.yaml)."""
+    import secrets
+    import sys
+
+    from family.errors import FamilyError
+    from server.keys import hash_key as digest
+
+    if new:
+        key = "sk-" + secrets.token_urlsafe(32)
+        typer.echo(f"key:    {key}")
+        typer.echo(f"sha256: {digest(key)}")
+        return
+    key = key if key is not None else sys.stdin.readline().strip()
+    if len(key) < 8:
+        raise FamilyError("a key has at least 8 characters")
+    typer.echo(digest(key))
+
+
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
     app.command("serve")(serve)
+    app.command("hash-key")(hash_key)

@@ -7,6 +7,11 @@ worker and predicted latency come back in `x-family-*` response headers. A worke
 (with its Retry-After) only when no other worker or member can take the request; a stream whose
 worker dies after the first token ends with an error event and `data: [DONE]`.
 
+Hostile input (issue 13) is stopped before it costs anything or reaches a worker: body size and prompt
+length (server.limits), field ranges (server.protocol), key caps (server.caps), and a request that
+fails with a 5xx on two workers is answered as the request's fault without cooling anyone down
+(server.isolation).
+
 Upstream calls go through one aiohttp session (a keep-alive pool for every worker): on this
 project's 2-core machines it costs about a quarter of httpx's per-request CPU, which is most of what
 the gateway adds to a request (benchmarks/gateway_overhead.py).
@@ -29,8 +34,11 @@ from pydantic import ValidationError
 
 from family.registry import Family
 from server.auth import Auth, KeySpec
+from server.caps import OPEN, Grant, grant_for
 from server.errors import APIError, install_error_handlers, not_found
 from server.fleet import WorkerSpec
+from server.isolation import Attempts
+from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
 from server.metrics import GatewayMetrics
 from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
 from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, sse
@@ -76,6 +84,8 @@ def route_headers(choice: Choice) -> dict[str, str]:
     if choice.predicted is not None:
         h["x-family-predicted-ttft-ms"] = f"{choice.predicted.ttft_s * 1e3:.1f}"
         h["x-family-predicted-latency-ms"] = f"{choice.predicted.e2e_s * 1e3:.1f}"
+    if choice.warning is not None:  # a pinned member that routed traffic never reaches (unfit)
+        h["x-family-warning"] = choice.warning
     return h
 
 
@@ -89,11 +99,13 @@ class Gateway:
         self.live = live
 
     def candidates(self, budget: Budget, pinned: str | None, p: dict[str, int], o: int, tried: set[str], first_attempt: bool,
-                   prompt_param: str) -> list[Choice]:
-        result = route(self.family, self.pool, budget, prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, live=self.live)
+                   prompt_param: str, grant: Grant = OPEN) -> list[Choice]:
+        result = route(self.family, self.pool, budget, prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, live=self.live,
+                       allowed=grant.members)
         choices = result.choices
         if not choices and budget.allow_best_effort:
             choices = best_effort(self.family, self.pool, result, prompt_tokens=p, max_tokens=o, exclude=tried, live=self.live)
+            choices = [c for c in choices if grant.within(c)]  # best effort never serves past the key's cap
         if not choices and first_attempt:
             err = no_fit_error(result, budget, pinned, prompt_param)
             self.metrics.rejections.labels(err.param or err.code or "none").inc()
@@ -107,16 +119,18 @@ class Gateway:
         if budget.max_latency_ms is not None and e2e * 1e3 > budget.max_latency_ms:
             self.metrics.budget_misses.labels(member, "max_latency_ms").inc()
 
-    async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None) -> Response:
-        members = [pinned] if pinned else [m.name for m in self.family.servable]
-        p, o = self.tokenizers.count(body, members), body.resolved_max_tokens()
+    async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
+                     grant: Grant = OPEN, chars: int = 0) -> Response:
+        members = [pinned] if pinned else [m.name for m in self.family.servable if grant.members is None or m.name in grant.members]
+        p, o = await self.tokenizers.count_async(body, members, chars), body.resolved_max_tokens()
         prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-        payload = body.model_dump(exclude_none=True, exclude={"budget"})
+        payload = body.upstream_payload()
+        attempts = Attempts(self.pool, self.metrics)
         tried: set[str] = set()
         first_member: str | None = None
         retry_after: str | None = None  # from the last worker that answered 429
         for attempt in range(MAX_ATTEMPTS):
-            choices = self.candidates(budget, pinned, p, o, tried, attempt == 0, prompt_param)
+            choices = self.candidates(budget, pinned, p, o, tried, attempt == 0, prompt_param, grant)
             if not choices:
                 break
             choice = choices[0]
@@ -136,18 +150,19 @@ class Gateway:
                                                         timeout=self.timeout)
                 status = upstream.status
                 if status >= 500 or status == 429:
-                    await upstream.read()
+                    content = await upstream.read()
                     if status == 429:
                         retry_after = upstream.headers.get("retry-after", "1")
                         self.metrics.retries.labels(w.name, "429").inc()
-                    else:
-                        self.pool.fail(w, f"HTTP {status}")
+                    else:  # an answer, not an outage: no cooldown for it alone; the second one ends the request
                         self.metrics.retries.labels(w.name, "5xx").inc()
+                        attempts.server_error(w, status, content, choice.member.name)
                     continue
                 if status != 200:  # the worker's own 4xx: the caller's mistake, pass it on
                     content = await upstream.read()
                     self.metrics.requests.labels(choice.member.name, w.name, f"http_{status}").inc()
                     return Response(content, status_code=status, media_type="application/json", headers=route_headers(choice))
+                attempts.served()
                 if body.stream:
                     head, ttft = await self._head(upstream, start)
                     released = True  # the relay owns the connection and the in-flight count from here
@@ -167,7 +182,8 @@ class Gateway:
         if retry_after is not None:
             raise APIError(429, "every worker that fits is at capacity; retry shortly", type="rate_limit_error", code="overloaded",
                            headers={"Retry-After": retry_after})
-        raise APIError(502, "no upstream worker could serve the request after retries", type="server_error", code="upstream_failed")
+        said = "".join(f"; {w.name} answered HTTP {status}: {msg}" for w, status, msg in attempts.failed)
+        raise APIError(502, f"no upstream worker could serve the request after retries{said}", type="server_error", code="upstream_failed")
 
     def _enter(self, w: WorkerState) -> None:
         w.in_flight += 1
@@ -274,8 +290,9 @@ _TOKEN = re.compile(rb'"(?:content|text)":"[^"]')  # a chunk carrying generated 
 
 
 def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None = None, timeout: float = 120.0,
-               health_interval: float = 2.0, live: bool = True) -> FastAPI:
+               health_interval: float = 2.0, live: bool = True, limits: Limits | None = None) -> FastAPI:
     auth = auth or Auth()
+    limits = limits or Limits.for_context(max((m.max_model_len for m in family.servable), default=2048))
     metrics = GatewayMetrics()
     tokenizers = Tokenizers(family)  # once, at start-up
     state: dict = {}
@@ -295,6 +312,7 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
 
     app = FastAPI(title=f"family gateway: {family.registry.name}", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, on_refuse=lambda code: metrics.refused.labels(code).inc())
     name = family.registry.name
 
     def caller(request: Request) -> KeySpec | None:
@@ -311,11 +329,18 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
         return model
 
     async def completion(path: str, body, request: Request) -> Response:
-        key = caller(request)
-        auth.admit(key)
-        pinned = pinned_member(body.model)
-        budget = resolve_budget(body.budget, request, key)
-        return await state["gateway"].handle(path, body, budget, pinned)
+        try:
+            key = caller(request)
+            auth.admit(key)
+            pinned = pinned_member(body.model)
+            grant = grant_for(key, family, pinned)  # 403: a member outside the key's list
+            chars = check_prompt_chars(body, limits)  # 400 before tokenizing: cannot fit any member
+            budget = grant.narrow(resolve_budget(body.budget, request, key))
+            on_finish(request.scope, auth.acquire(key))  # 429 over the key's concurrency; freed when the response ends
+        except APIError as exc:
+            metrics.refused.labels(exc.code or str(exc.status_code)).inc()
+            raise
+        return await state["gateway"].handle(path, body, budget, pinned, grant, chars)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -338,6 +363,7 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
         auth.require_admin(caller(request))
         data = family.registry.model_dump(mode="json")
         data["problems"] = family.problems
+        data["unfit"] = family.unfit  # member → why routed traffic never reaches it
         data["workers"] = [w.public() for w in state["gateway"].pool.workers]
         return JSONResponse(data)
 

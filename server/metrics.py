@@ -20,4 +20,8 @@ class GatewayMetrics:
         self.retries = Counter("family_retries", "Upstream attempts retried on another worker", ["worker", "reason"], registry=r)
         self.fallbacks = Counter("family_fallbacks", "Requests served by a member other than the first choice", ["from_member", "to_member"], registry=r)
         self.worker_up = Gauge("family_worker_healthy", "1 if the worker passes health checks", ["worker", "member"], registry=r)
+        self.poison = Counter("family_poison_requests", "Requests that got an HTTP 5xx from two workers: answered 400 as the likely "
+                              "cause, no worker cooled down", ["member"], registry=r)
+        self.strikes = Counter("family_worker_strikes", "HTTP 5xx to a request that another worker then served", ["worker"], registry=r)
+        self.refused = Counter("family_refused_requests", "Requests refused at the edge before any work (by error code)", ["code"], registry=r)
         self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker", ["worker"], registry=r)

@@ -1,10 +1,17 @@
 """The upstream pool: every worker's health, load and observed speed, kept current in the background.
 
 Health: GET /health every `interval` seconds; a refused connection, two failed checks in a row, or a
-connection error / 5xx on a real request put the worker in cooldown; each further failed *request*
+connection error / timeout on a real request put the worker in cooldown; each further failed *request*
 doubles it, up to `max_cooldown`; it returns to rotation when a health check passes after the
 cooldown. Checks that keep failing while a worker is already out do not lengthen its cooldown: a
-restarted worker is back within one check interval of answering, not a minute later. Load: running and waiting requests read from the worker's
+restarted worker is back within one check interval of answering, not a minute later.
+
+An HTTP 5xx *with a body* is different: the worker is up and answered, and the request may be what
+failed (issue 13: one request with an out-of-range seed took three of four workers out). By itself it
+only earns the worker an immediate health check (`suspect`). When another worker then serves the same
+request, the failing one gets a strike (`strike`); STRIKES strikes from different requests within
+STRIKE_WINDOW_S put it in cooldown. A request that fails on two workers strikes neither
+(server.isolation). Load: running and waiting requests read from the worker's
 /metrics (vLLM's names, which both engines expose), plus the gateway's own in-flight count. Speed:
 an EWMA of observed/predicted time to first token and time per token, which corrects the registry's
 latency model for what this worker is doing right now.
@@ -30,6 +37,8 @@ _GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{[^}]*\}\s+([0-9.
 EWMA = 0.3
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 FAILED_CHECKS = 2
+STRIKES = 3  # HTTP 5xx on this many different requests that other workers served ...
+STRIKE_WINDOW_S = 60.0  # ... within this long: the worker is at fault, not the requests
 # What a dead, unreachable, slow or misbehaving upstream raises (aiohttp's timeouts are asyncio's too).
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ValueError)
 
@@ -47,6 +56,8 @@ class WorkerState:
     ttft_ratio: float = 1.0  # observed / predicted
     tpot_ratio: float = 1.0
     last_error: str | None = None
+    strikes: list[float] = field(default_factory=list)  # when it failed a request another worker served
+    cooldowns: int = 0  # times put in cooldown (read by the hostile-input scenario)
     headers: dict[str, str] = field(default_factory=dict)  # sent upstream with every request
 
     def __post_init__(self) -> None:
@@ -77,6 +88,7 @@ class WorkerState:
             "healthy": self.healthy, "in_cooldown": time.monotonic() < self.cooldown_until, "running": self.running,
             "waiting": self.waiting, "in_flight": self.in_flight, "ttft_ratio": round(self.ttft_ratio, 3),
             "tpot_ratio": round(self.tpot_ratio, 3), "last_error": self.last_error,
+            "strikes": len(self.strikes), "cooldowns": self.cooldowns,
         }
 
 
@@ -95,6 +107,7 @@ class Pool:
         self.metrics = metrics
         self.interval, self.base_cooldown, self.max_cooldown = interval, base_cooldown, max_cooldown
         self._task: asyncio.Task | None = None
+        self._probes: dict[str, asyncio.Task] = {}  # immediate health checks of suspects, by worker
 
     def for_member(self, member: str) -> list[WorkerState]:
         return self._by_member.get(member, [])
@@ -102,9 +115,29 @@ class Pool:
     def fail(self, w: WorkerState, reason: str) -> None:
         """A failed request or check: out of rotation for a growing cooldown."""
         w.failures += 1
+        w.cooldowns += 1
         w.last_error = reason
         w.cooldown_until = time.monotonic() + min(self.max_cooldown, self.base_cooldown * 2 ** (w.failures - 1))
         self.metrics.worker_up.labels(w.name, w.spec.member).set(0)
+
+    def suspect(self, w: WorkerState, reason: str) -> None:
+        """It answered one request with an HTTP 5xx: check its health now, keep it in rotation meanwhile."""
+        w.last_error = reason
+        if w.name not in self._probes:
+            task = asyncio.create_task(self.check(w))
+            self._probes[w.name] = task
+            task.add_done_callback(lambda _t: self._probes.pop(w.name, None))
+
+    def strike(self, w: WorkerState, reason: str, now: float | None = None) -> bool:
+        """It failed a request that another worker served. True if that put it in cooldown."""
+        now = time.monotonic() if now is None else now
+        w.strikes = [t for t in w.strikes if now - t < STRIKE_WINDOW_S] + [now]
+        self.metrics.strikes.labels(w.name).inc()
+        if len(w.strikes) < STRIKES:
+            return False
+        w.strikes.clear()
+        self.fail(w, f"{reason} on {STRIKES} different requests that other workers served")
+        return True
 
     async def check(self, w: WorkerState) -> None:
         try:

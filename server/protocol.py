@@ -1,7 +1,13 @@
 """The OpenAI wire types, in one place (pydantic v2), shared by the workers and the gateway.
 
 Only what this product serves is modelled; unknown fields that OpenAI clients send are accepted and
-ignored. `budget` is this product's one extension: what the caller can afford, used by the gateway.
+ignored (the gateway does not forward them: a field it cannot validate must not reach a worker that
+might choke on it). `budget` is this product's one extension: what the caller can afford, used by the
+gateway.
+
+Every field a worker would reject is bounded here, at the edge, so a worker never sees it: integers
+within what the engines accept (`seed` is a signed 64-bit integer, as OpenAI and vLLM take it), string
+and list lengths. A request outside them is the caller's mistake, a 400, never a worker's 5xx.
 """
 
 from __future__ import annotations
@@ -13,6 +19,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from family import defaults
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOKENS_LIMIT = 2**31 - 1  # a bound for ints the engines store as int32; the router's context check is tighter
+MAX_STOP_CHARS = 512  # per stop string: matched against the generated text at every step
+MAX_MESSAGES = 2048
+MAX_NAME_CHARS = 256  # model and user ids
 
 
 class _Lenient(BaseModel):
@@ -44,18 +57,18 @@ class StreamOptions(_Lenient):
 class SamplingParams(_Lenient):
     """The sampling fields common to chat and text completions."""
 
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX, description="a signed 64-bit integer")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (profiling, load tests)
     budget: Budget | None = None
 
@@ -65,7 +78,13 @@ class SamplingParams(_Lenient):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters")
         return stops or None
+
+    def upstream_payload(self) -> dict:
+        """What a worker is sent: the declared fields that are set; never `budget`, never unknown extras."""
+        return self.model_dump(include=_forwarded(type(self)), exclude_none=True)
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
@@ -78,6 +97,20 @@ class SamplingParams(_Lenient):
 
     def resolved_top_p(self) -> float:
         return defaults.DEFAULT_TOP_P if self.top_p is None else self.top_p
+
+
+_FORWARDED: dict[type, dict] = {}
+
+
+def _forwarded(cls: type[BaseModel]) -> dict:
+    """The `include` spec of a request class: its declared fields less `budget`; messages as role + content."""
+    spec = _FORWARDED.get(cls)
+    if spec is None:
+        spec = {f: True for f in cls.model_fields if f != "budget"}
+        if "messages" in spec:
+            spec["messages"] = {"__all__": {"role": True, "content": True}}
+        _FORWARDED[cls] = spec
+    return spec
 
 
 class TextPart(_Lenient):
@@ -96,8 +129,8 @@ class ChatMessage(_Lenient):
 
 
 class ChatCompletionRequest(SamplingParams):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
 
     @model_validator(mode="after")
     def _max_tokens_alias(self):

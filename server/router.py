@@ -2,8 +2,11 @@
 it soonest.
 
 For each member: memory (measured peak on the worker's device class, else weight bytes), context
-length (prompt + max_tokens ≤ max_model_len) and the accuracy floor (quality = top-1 agreement with
-the parent) are static checks. For each of its available workers, latency is predicted from the
+length (prompt + max_tokens ≤ max_model_len) and the accuracy floor (quality = chat agreement with
+the parent on held-out chat prompts) are static checks. Before any of them, routed traffic skips a
+member that is unfit under the family's fitness policy (degenerate chat answers, chat agreement under
+the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
+warning on its Choice. For each of its available workers, latency is predicted from the
 registry's latency model for that device class, at the worker's current load, and scaled by what
 the gateway has observed of that worker (EWMA of observed/predicted). A member with no latency
 profile on a device class fits only budgets without latency limits. Among what fits, the winner is
@@ -29,6 +32,7 @@ class Choice:
     worker: WorkerState
     predicted: LatencyPrediction | None
     reason: str  # "pinned", "best", "best_effort"
+    warning: str | None = None  # e.g. the pinned member is unfit; the gateway sends it as x-family-warning
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Verdict:
 class RouteResult:
     choices: list[Choice] = field(default_factory=list)  # best first
     refused: list[Verdict] = field(default_factory=list)
+    pinned: str | None = None  # the member the request named, if any (it may be served even when unfit)
 
 
 def _rank_key(m: MemberRecord) -> tuple:
@@ -67,6 +72,11 @@ def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_toke
         if q < budget.min_accuracy:
             return Verdict(m.name, "min_accuracy", f"accuracy {q:.3f} < {budget.min_accuracy}", budget.min_accuracy / max(q, 1e-9) - 1)
     return None
+
+
+def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
+    """What the caller of a pinned, unfit member is told (the x-family-warning header)."""
+    return f"member {m.name} is unfit: {why}" if why else None
 
 
 def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool) -> LatencyPrediction | None:
@@ -100,13 +110,20 @@ def _tokens(prompt_tokens: PromptTokens, member: str) -> int:
 
 def route(
     family: Family, pool: Pool, budget: Budget, *, prompt_tokens: PromptTokens, max_tokens: int, pinned: str | None = None,
-    exclude: set[str] = frozenset(), live: bool = True,
+    exclude: set[str] = frozenset(), live: bool = True, allowed: frozenset[str] | None = None,
 ) -> RouteResult:
-    """Every (member, worker) that fits, best first, and for the rest why not. O(members × workers)."""
-    members = [family.registry.member(pinned)] if pinned else family.servable
-    result = RouteResult()
+    """Every (member, worker) that fits, best first, and for the rest why not. O(members × workers).
+    `allowed`: the only members a routed request may reach (its API key's list, server.caps)."""
+    members = [family.registry.member(pinned)] if pinned else [m for m in family.servable if allowed is None or m.name in allowed]
+    result = RouteResult(pinned=pinned)
     fits: list[tuple[tuple, float, Choice]] = []
+    policy = family.registry.fitness
     for m in sorted(members, key=_rank_key):
+        unfit = m.unfit_reason(policy)
+        if unfit and not pinned:  # whatever the budget: never routed to, not even as best effort
+            result.refused.append(Verdict(m.name, "unfit", unfit, float("inf")))
+            continue
+        warning = _unfit_warning(m, unfit)
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         if not workers:
             result.refused.append(Verdict(m.name, "unavailable", "no healthy worker", float("inf")))
@@ -119,7 +136,7 @@ def route(
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
-                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best")))
+                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best", warning)))
             elif best_verdict is None or verdict.violation < best_verdict.violation:
                 best_verdict = verdict
         if best_verdict is not None and not any(c.member.name == m.name for _, _, c in fits):
@@ -132,33 +149,50 @@ def route(
 def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_tokens: PromptTokens, max_tokens: int,
                 exclude: set[str] = frozenset(), live: bool = True) -> list[Choice]:
     """When nothing fits and the caller allows it: the members closest to fitting, closest first
-    (never one whose context is too short, which cannot work at all)."""
-    order = sorted((v for v in result.refused if v.constraint not in ("context_length", "unavailable")), key=lambda v: v.violation)
+    (never one whose context is too short, which cannot work at all, nor an unfit one unless pinned)."""
+    order = sorted((v for v in result.refused if v.constraint not in ("context_length", "unavailable", "unfit")), key=lambda v: v.violation)
     out = []
     for v in order:
         m = family.registry.member(v.member)
+        warning = _unfit_warning(m, m.unfit_reason(family.registry.fitness))
+        if warning and m.name != result.pinned:
+            continue
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            out.append(Choice(m, w, _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live), "best_effort"))
+            out.append(Choice(m, w, _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live), "best_effort", warning))
     return out
 
 
 def no_fit_error(result: RouteResult, budget: Budget, pinned: str | None, prompt_param: str = "messages") -> APIError:
-    """422 naming the constraint that failed and the member that came closest."""
+    """422 naming the constraint that failed and the member that came closest, and any unfit members
+    (relaxing the budget never reaches those: only naming one in `model` does)."""
     if not result.refused:
         return APIError(503, "no worker is available", type="server_error", code="no_workers")
-    if all(v.constraint == "unavailable" for v in result.refused):
-        return APIError(503, f"no healthy worker for {pinned or 'any member'}; retry shortly", type="server_error",
+    unfit = [v for v in result.refused if v.constraint == "unfit"]
+    budgeted = [v for v in result.refused if v.constraint not in ("unavailable", "unfit")]
+    if not budgeted and len(unfit) < len(result.refused):  # a fit member would do, but has no healthy worker now
+        return APIError(503, f"no healthy worker for {pinned or 'any fit member'}; retry shortly", type="server_error",
                         code="no_healthy_worker", headers={"Retry-After": "2"})
-    closest = min((v for v in result.refused if v.constraint != "unavailable"), key=lambda v: v.violation)
+    unfit_note = "; ".join(f"{v.member} ({v.detail})" for v in unfit)
+    if not budgeted:  # every member is unfit: no budget change helps
+        return APIError(
+            422,
+            f"no member of the family may take routed traffic: unfit, never routed to: {unfit_note}. "
+            "Name a member in `model` to use it anyway.",
+            type="budget_error",
+            param="model",
+            code="members_unfit",
+        )
+    closest = min(budgeted, key=lambda v: v.violation)
     if closest.constraint == "context_length":
         return APIError(400, f"prompt too long for {closest.member}: {closest.detail}", param=prompt_param, code="context_length_exceeded")
     what = f"member {pinned}" if pinned else "no member of the family"
+    also = f" Unfit members are never routed to: {unfit_note}." if unfit else ""
     return APIError(
         422,
         f"{what} fits the budget: {closest.constraint} failed ({closest.detail}); closest member: {closest.member}. "
-        "Relax the budget or set allow_best_effort.",
+        "Relax the budget or set allow_best_effort." + also,
         type="budget_error",
         param=f"budget.{closest.constraint}",
         code="budget_unsatisfiable",

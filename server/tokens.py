@@ -4,12 +4,19 @@ Members cut from one parent usually keep its tokenizer: members whose tokenizers
 (same vocabulary, rules and chat template) share one, and a request's prompt is tokenized once per distinct tokenizer. A
 member folder without tokenizer files uses the parent's. Counting uses the fast (Rust) tokenizer
 directly; chat prompts are rendered with the tokenizer's chat template first, as the worker does.
+
+Counting a long prompt takes milliseconds to seconds of CPU; on the event loop it would stall every
+other request. `count_async` counts a short prompt inline (a thread hop costs more than the count)
+and a long one on one dedicated thread, so long prompts queue behind each other, not in front of the
+short ones. `server.limits` bounds how long a prompt can be before it gets here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from transformers import AutoTokenizer
 
@@ -17,6 +24,7 @@ from family.registry import Family
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+INLINE_CHARS = 4096  # prompts up to this many characters (plus 64 per message) are counted on the event loop
 
 
 def _fingerprint(tokenizer) -> str:
@@ -40,6 +48,7 @@ class Tokenizers:
             loaded.setdefault(key, tokenizer)  # identical tokenizers: keep one
             self._key[m.name] = key
         self._tokenizers = loaded
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     @property
     def distinct(self) -> int:
@@ -55,6 +64,14 @@ class Tokenizers:
                 by_key[key] = count_tokens(self._tokenizers[key], body)
             out[name] = by_key[key]
         return out
+
+
+    async def count_async(self, body: ChatCompletionRequest | CompletionRequest, members: Iterable[str], chars: int) -> dict[str, int]:
+        """`count`, on the tokenizing thread when the prompt (`chars` characters) is long."""
+        cost = chars + 64 * len(getattr(body, "messages", ()))
+        if cost <= INLINE_CHARS:
+            return self.count(body, members)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.count, body, list(members))
 
 
 def count_tokens(tokenizer, body: ChatCompletionRequest | CompletionRequest) -> int:

@@ -25,7 +25,7 @@ def train_tiny_tokenizer(out: Path, vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = defaults.CALIB_TEXT.read_text(encoding="utf-8")[:200_000].splitlines()
+    text = defaults.WIKITEXT_VALID.read_text(encoding="utf-8")[:200_000].splitlines()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -39,7 +39,7 @@ def test_eval_stores_plausible_accuracy_records(measured):
     assert 1 < p60.metric("perplexity") < 1e4
     rec = next(r for r in p60.accuracy if r.metric == "perplexity")
     assert rec.data_sha256 and rec.tokens == 4 * 63 and "family eval" in rec.command
-    assert p60.quality == p60.metric("top1_agreement") and parent.quality == 1.0
+    assert p60.quality == p60.metric("chat_agreement") and parent.quality == 1.0
 
 
 def test_profile_stores_samples_memory_and_a_fitted_model(measured):

@@ -18,7 +18,7 @@ def _member(name, params, ppl=None, agree=None, tpot=None, parent=False):
     if ppl is not None:
         m.accuracy.append(AccuracyRecord(metric="perplexity", value=ppl, data="t"))
     if agree is not None:
-        m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=agree, data="t"))
+        m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=agree, data="t"))
     if tpot is not None:
         m.latency["cpu-2core"] = LatencyProfile(device_class="cpu-2core", engine="torch", samples=[
             LatencySample(prompt_tokens=32, output_tokens=32, concurrency=1, ttft_s=0.1, tpot_s=tpot, e2e_s=1.0, throughput_tok_s=30.0)])

@@ -191,8 +191,8 @@ def measured(tiny_family):
     p100, p60 = fam.registry.member("tiny-p100"), fam.registry.member("tiny-p60")
     p100.accuracy.append(AccuracyRecord(metric="perplexity", value=20.0, data="x"))
     p60.accuracy += [AccuracyRecord(metric="perplexity", value=30.0, data="x"),
-                     AccuracyRecord(metric="top1_agreement", value=0.5, data="x"),
-                     AccuracyRecord(metric="top1_agreement", value=0.7, data="x")]  # the newest counts
+                     AccuracyRecord(metric="chat_agreement", value=0.5, data="x"),
+                     AccuracyRecord(metric="chat_agreement", value=0.7, data="x")]  # the newest counts
     # parent: 0.4 s to first token, 50 ms/token, 2 GB peak; p60: 0.1 s, 20 ms/token, 1 GB.
     zero = {"a1": 0.0, "a2": 0.0, "a3": 0.0, "b1": 0.0, "b2": 0.0}
     p100.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", peak_memory_bytes=2_000_000_000,

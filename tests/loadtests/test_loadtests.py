@@ -78,3 +78,9 @@ def test_corrupt_member(tiny_family_dir, tmp_path):
     res = reliability.corrupt_member(tiny_family_dir, DEVICE_CLASS, tmp_path, victim="tiny-p60")
     _check(res)
     assert res["mtime_preserved_flip"]["full_verify_detects"]
+
+
+def test_hostile_input(fleet, tiny_family_dir, tmp_path):
+    res = reliability.hostile_input(tiny_family_dir, DEVICE_CLASS, tmp_path, fleet=fleet, phase_s=8)
+    _check(res)
+    assert res["hostile"]["requests"] >= 15 and res["hostile"]["refuse_10mb_ms"]["n"] >= 2

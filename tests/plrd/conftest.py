@@ -18,7 +18,7 @@ def tiny(tiny_parent_dir):
 @pytest.fixture(scope="module")
 def calib_ids(tiny):
     _, tokenizer = tiny
-    return tokenize(tokenizer, read_source(defaults.CALIB_TEXT).text[:150_000])
+    return tokenize(tokenizer, read_source(defaults.WIKITEXT_VALID).text[:150_000])
 
 
 @pytest.fixture(scope="module")

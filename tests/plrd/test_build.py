@@ -18,7 +18,7 @@ from plrd.heal import HealConfig
 
 def _config(parent, out, targets=(0.8, 0.6), heal_tokens=2048):
     return BuildConfig(
-        parent=parent, targets=list(targets), calib=str(defaults.CALIB_TEXT), out=out, name="tiny",
+        parent=parent, targets=list(targets), calib=str(defaults.WIKITEXT_VALID), out=out, name="tiny",
         heal=HealConfig(tokens=heal_tokens, seq_len=64, batch_size=2, grad_accum=1), calib_sequences=8,
         calib_seq_len=128, command="test",
     )
@@ -140,7 +140,7 @@ def test_the_cli_builds_a_distilled_member_named_after_the_parent_folder(tiny_pa
     args = [
         "build", "--parent", str(tiny_parent_dir), "--targets", "0.8", "--out", str(tmp_path), "--heal-tokens", "512",
         "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1", "--calib-sequences", "4", "--calib-seq-len", "64",
-        "--distill", "--distill-weight", "0.3",
+        "--distill", "--distill-weight", "0.3", "--temperature", "2", "--calib", str(defaults.WIKITEXT_VALID),
     ]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
@@ -148,3 +148,20 @@ def test_the_cli_builds_a_distilled_member_named_after_the_parent_folder(tiny_pa
     prov = json.loads((tmp_path / f"{family_name}-p80" / "provenance.json").read_text())
     assert prov["distillation"] == {"teacher": f"{family_name}-p100", "weight": 0.3, "temperature": 2.0}
     assert prov["healing"]["distill_weight"] == 0.3 and prov["final_heal_loss"] > 0
+
+
+def test_build_needs_no_shared_data_its_default_data_is_the_parents_own(tiny_parent_dir, tmp_path):
+    """A user's fresh clone has no ../shared: the default build makes its corpus from the parent."""
+    import os
+
+    env = {**os.environ, "FAMILY_SHARED_DATA": str(tmp_path / "does-not-exist"), "FAMILY_RUNS_DIR": str(tmp_path / "runs")}
+    args = ["build", "--parent", str(tiny_parent_dir), "--targets", "0.8", "--out", str(tmp_path / "fam"), "--heal-tokens", "256",
+            "--corpus-prompts", "6", "--corpus-answer-tokens", "8", "--calib-sequences", "4", "--seq-len", "32", "--batch-size", "2",
+            "--grad-accum", "1"]
+    done = subprocess.run([sys.executable, "-m", "family.cli", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prov = json.loads((tmp_path / "fam" / f"{tiny_parent_dir.name.lower()}-p80" / "provenance.json").read_text())
+    assert prov["calibration"]["source"] == "parent" and prov["init"]["method"] == "refit"
+    assert prov["distillation"]["weight"] == 1.0  # distilled from the parent by default
+    [corpus] = (tmp_path / "runs").glob("corpus-*")
+    assert prov["healing_data"]["corpus"] == str(corpus) and (corpus / "meta.json").is_file()

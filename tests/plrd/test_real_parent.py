@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_real_member_at_080_is_on_target_reloads_generates_and_beats_plain_svd(real_parent_dir, tmp_path):
     cfg = BuildConfig(
-        parent=real_parent_dir, targets=[0.8], calib=str(defaults.CALIB_TEXT), out=tmp_path, name="smol",
+        parent=real_parent_dir, targets=[0.8], calib=str(defaults.WIKITEXT_VALID), out=tmp_path, name="smol",
         heal=HealConfig(tokens=2048, seq_len=128, batch_size=4, grad_accum=1), calib_sequences=8, calib_seq_len=512,
         command="test",
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from family.registry import AccuracyRecord, Family, FamilyRegistry, LatencyProfile, MemberRecord
+from family.registry import AccuracyRecord, Family, FamilyRegistry, FitnessPolicy, LatencyProfile, MemberRecord
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
 from server.pool import Pool
@@ -24,7 +24,7 @@ def _member(name: str, params: int, quality: float | None, ttft: float | None, t
     m = MemberRecord(name=name, path=name, architecture="LlamaForCausalLM", is_parent=is_parent, parameters=params,
                      bytes={"float32": params * 4}, max_model_len=max_len, files={})
     if quality is not None and not is_parent:
-        m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=quality, data="test"))
+        m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=quality, data="test"))
     m.accuracy.append(AccuracyRecord(metric="perplexity", value=ppl, data="test"))
     if ttft is not None:
         coef = {"a0": ttft, "a1": 0.0, "a2": 0.0, "a3": 0.05, "b0": tpot, "b1": 0.0, "b2": 0.0}  # a3: +50 ms per queued request
@@ -152,10 +152,75 @@ def test_no_fit_names_the_failed_constraint_and_the_closest_member(family):
 def test_ties_on_quality_go_to_lower_perplexity_then_smaller(family):
     fam = family
     for m in fam.registry.members:
-        m.accuracy = [a for a in m.accuracy if a.metric != "top1_agreement"]
+        m.accuracy = [a for a in m.accuracy if a.metric != "chat_agreement"]
         if not m.is_parent:
-            m.accuracy.append(AccuracyRecord(metric="top1_agreement", value=0.8, data="test"))
+            m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=0.8, data="test"))
     fam.registry.member("f-p60").accuracy.append(AccuracyRecord(metric="perplexity", value=22.0, data="test"))
     assert _best(fam, _pool({"f-p80": 1, "f-p60": 1}), {}) == "f-p60"  # 22 < 24
     fam.registry.member("f-p60").accuracy.append(AccuracyRecord(metric="perplexity", value=24.0, data="test"))
     assert _best(fam, _pool({"f-p80": 1, "f-p60": 1}), {}) == "f-p60"  # same perplexity: the smaller
+
+
+# --- fitness: routed traffic never reaches an unfit member (issue 10) -------------------------------
+
+
+def _degenerate(family: Family, name: str, share: float = 0.25) -> None:
+    family.registry.member(name).accuracy.append(AccuracyRecord(metric="degenerate_answers", value=share, data="chat", tokens=8))
+
+
+def test_routed_traffic_never_reaches_an_unfit_member_even_the_only_one_that_fits(family):
+    _degenerate(family, "f-p60")
+    budget = Budget(max_latency_ms=100)  # only f-p60 (65 ms) fits
+    r = route(family, _pool(ALL), budget, prompt_tokens=10, max_tokens=8)
+    assert not r.choices
+    (verdict,) = [v for v in r.refused if v.member == "f-p60"]
+    assert verdict.constraint == "unfit" and "25% degenerate chat answers of 8 prompts" in verdict.detail
+    err = no_fit_error(r, budget, None)
+    assert err.status_code == 422 and "never routed to: f-p60 (25% degenerate" in err.message
+    assert err.param == "budget.max_latency_ms" and "closest member: f-p40" in err.message  # one relaxing the budget can reach
+    # Without a budget it is not among the candidates at all.
+    assert "f-p60" not in [c.member.name for c in route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8).choices]
+
+
+def test_best_effort_never_picks_an_unfit_member(family):
+    r = route(family, _pool(ALL), Budget(max_latency_ms=50), prompt_tokens=10, max_tokens=8)
+    assert best_effort(family, _pool(ALL), r, prompt_tokens=10, max_tokens=8)[0].member.name == "f-p60"  # closest: 65 ms
+    _degenerate(family, "f-p60")
+    r = route(family, _pool(ALL), Budget(max_latency_ms=50), prompt_tokens=10, max_tokens=8)
+    picks = [c.member.name for c in best_effort(family, _pool(ALL), r, prompt_tokens=10, max_tokens=8)]
+    assert picks == ["f-p40", "f-p80", "f-p100"]  # closest first (f-p40: never profiled), never f-p60
+
+
+def test_the_familys_chat_agreement_floor_makes_members_unfit(family):
+    family.registry.fitness = FitnessPolicy(min_chat_agreement=0.8)  # f-p60 (0.7) and f-p40 (0.5) fall under it
+    assert _best(family, _pool(ALL), {"max_memory_gb": 3.0}) == "f-p80"
+    assert _best(family, _pool(ALL), {"max_memory_gb": 2.45}) is None  # f-p60 and f-p40 would fit, but are unfit
+    family.registry.fitness = FitnessPolicy(min_chat_agreement=0.7)  # at the floor is fit
+    assert _best(family, _pool(ALL), {"max_memory_gb": 2.45}) == "f-p60"
+
+
+def test_when_a_fit_member_has_no_worker_it_is_a_503_and_when_none_is_fit_a_422_naming_them(family):
+    _degenerate(family, "f-p60")
+    r = route(family, _pool({"f-p60": 1}), Budget(), prompt_tokens=10, max_tokens=8)  # only the unfit member has workers
+    assert not r.choices and no_fit_error(r, Budget(), None).status_code == 503
+    family.problems = {"f-p100": "weight file missing"}
+    family.registry.fitness = FitnessPolicy(min_chat_agreement=0.95)
+    r = route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8)
+    assert not r.choices and {v.constraint for v in r.refused} == {"unfit"}
+    err = no_fit_error(r, Budget(), None)
+    assert err.status_code == 422 and err.code == "members_unfit" and err.param == "model"
+    assert all(n in err.message for n in ("f-p80", "f-p60", "f-p40"))
+
+
+def test_a_pinned_unfit_member_is_still_served_with_a_warning(family):
+    _degenerate(family, "f-p60")
+    (choice,) = route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p60").choices
+    assert choice.member.name == "f-p60" and choice.reason == "pinned"
+    assert choice.warning == "member f-p60 is unfit: 25% degenerate chat answers of 8 prompts (max 0%)"
+    # ... and as best effort when pinned with a budget it misses.
+    r = route(family, _pool(ALL), Budget(max_latency_ms=10), prompt_tokens=10, max_tokens=8, pinned="f-p60")
+    (choice,) = best_effort(family, _pool(ALL), r, prompt_tokens=10, max_tokens=8)
+    assert choice.member.name == "f-p60" and choice.warning.startswith("member f-p60 is unfit")
+    # A fit member carries no warning, pinned or routed.
+    assert route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p80").choices[0].warning is None
+    assert all(c.warning is None for c in route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8).choices)

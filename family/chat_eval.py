@@ -1,0 +1,112 @@
+"""Faithfulness to the parent on held-out chat: what decides whether a member is worth routing to.
+
+On held-out chat prompts (never used for calibration or healing), the parent answers greedily once.
+Each member is then measured two ways:
+- teacher-forced on the parent's answers: the share of answer tokens where the member's argmax is
+  the parent's token (`chat_agreement`, the router's accuracy), and KL(parent ‖ member) there
+  (`chat_kl`, nats per token);
+- free-running: the member's own greedy answer to each prompt, checked for degeneracy (blank lines,
+  one token repeated, `<unk>`, WikiText markup): `degenerate_answers` is the share flagged.
+Teacher forcing measures "nearly the same tokens"; the free-running check catches what a user sees
+when small errors compound into garbage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from family.degeneracy import degenerate_reason
+from family.generate import chat_prompt_ids, generate
+
+ANSWER_TOKENS = 64  # greedy tokens per answer: enough to see an answer go wrong, short enough for CPUs
+
+
+@dataclass
+class ChatReference:
+    """The held-out prompts (token ids through the chat template) and the parent's greedy answers."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    answers: list[list[int]]  # the parent's greedy answer ids (with the end-of-turn token when reached)
+
+
+@dataclass
+class ChatScores:
+    agreement: float
+    kl: float
+    tokens: int  # answer tokens scored
+    degenerate_share: float
+    answers: list[str]  # the member's own greedy answers
+    reasons: list[str | None]  # why each answer is degenerate, or None
+
+
+def _batches(n: int, size: int):
+    return [range(b, min(n, b + size)) for b in range(0, n, size)]
+
+
+def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 16,
+                   progress: bool = True, desc: str = "answers") -> list[list[int]]:
+    out: list[list[int]] = []
+    bar = tqdm(total=len(prompt_ids) * max_new_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+    start = time.perf_counter()
+    # Similar lengths together: less padding (order restored below).
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    by_index: dict[int, list[int]] = {}
+    for rng in _batches(len(order), batch_size):
+        idx = [order[i] for i in rng]
+        for i, ids in zip(idx, generate(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens)):
+            by_index[i] = ids
+        bar.update(len(idx) * max_new_tokens)
+        bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+    bar.close()
+    out = [by_index[i] for i in range(len(prompt_ids))]
+    return out
+
+
+def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = ANSWER_TOKENS, progress: bool = True) -> ChatReference:
+    prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    answers = greedy_answers(parent, tokenizer, prompt_ids, max_new_tokens, progress=progress, desc="parent answers")
+    return ChatReference(prompts, prompt_ids, answers)
+
+
+@torch.no_grad()
+def _answer_logprobs(model, ref: ChatReference, rows: range) -> list[torch.Tensor]:
+    """Log-probabilities at the positions that predict each answer token (answer_len × vocab)."""
+    seqs = [ref.prompt_ids[i] + ref.answers[i] for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):  # right padding: causal positions before the padding are unaffected
+        ids[k, : len(s)] = torch.tensor(s)
+        mask[k, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    out = []
+    for k, i in enumerate(rows):
+        p, a = len(ref.prompt_ids[i]), len(ref.answers[i])
+        out.append(F.log_softmax(logits[k, p - 1 : p - 1 + a], -1))
+    return out
+
+
+@torch.no_grad()
+def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8, progress: bool = True, name: str = "member") -> ChatScores:
+    """Chat agreement, KL and degeneracy of `member` against the parent's reference answers.
+    The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax)."""
+    agree, kl, tokens = 0, 0.0, 0
+    for rows in _batches(len(ref.prompts), batch_size):
+        mine = _answer_logprobs(member, ref, rows)
+        theirs = mine if member is parent else _answer_logprobs(parent, ref, rows)
+        for i, lm, lp in zip(rows, mine, theirs):
+            target = torch.tensor(ref.answers[i])
+            agree += (lm.argmax(-1) == target).sum().item() if member is not parent else len(target)
+            kl += F.kl_div(lm, lp, log_target=True, reduction="sum").item()
+            tokens += len(target)
+    own = ref.answers if member is parent else greedy_answers(
+        member, tokenizer, ref.prompt_ids, max(len(a) for a in ref.answers), progress=progress, desc=f"{name} answers")
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in own]
+    reasons = [degenerate_reason(t) for t in texts]
+    return ChatScores(agree / max(1, tokens), kl / max(1, tokens), tokens, sum(r is not None for r in reasons) / len(texts), texts, reasons)

@@ -1,0 +1,152 @@
+"""Sequential refit: compress layer by layer, each projection refit in closed form to the parent.
+
+Whitened SVD truncates each matrix on the parent's own inputs, so errors compound: layer 20 of a
+member sees inputs that 19 compressed layers have already bent. Here (as in ROCKET and other
+sequential compression methods) each projection is refit, in model order, to what the parent's
+projection outputs, given the inputs that the *already compressed* layers produce:
+
+    minimise ‖X_c Mᵀ − X_p Wᵀ‖  over M of rank r     (X_p: parent inputs, X_c: member inputs)
+
+With G = X_cᵀX_c + δI = L·Lᵀ, the unconstrained solution is M* = W·X_pᵀX_c·G⁻¹, and the best rank-r M
+is the truncated SVD of M*·L brought back by L⁻¹ (the whitened SVD of M*): B = U_r Σ_r^½,
+A = Σ_r^½ V_rᵀ L⁻¹. Projections left dense get M* itself. Within a layer the four input points
+(q/k/v, o, gate/up, down) are refit in order, so o_proj is fit on the outputs of the refit q/k/v.
+It needs only Gram and cross-Gram matrices of calibration activations: no gradients, no training.
+
+The damping δ (relative to the mean diagonal of G) matters: with 16k calibration tokens and inputs of
+up to 1536 features, an undamped least-squares fit follows noise. On SmolLM2-135M (WikiText test,
+KL to the parent) δ = 1e-2 beat 1e-4 at both 0.9 and 0.8 of the parameters (0.9: 0.66 vs 0.75;
+0.8: 1.02 vs 1.16; whitened SVD alone 0.69 and 1.32).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from family.lowrank import LowRankLinear
+
+# The four input points of a decoder layer, in the order the layer computes them.
+STAGES = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class _Captured(Exception):
+    """Raised by a pre-hook to stop a layer's forward once the wanted input is captured."""
+
+
+def _layer_kwargs(model: nn.Module, h: torch.Tensor) -> dict:
+    position_ids = torch.arange(h.shape[1], device=h.device)[None]
+    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=model.model.rotary_emb(h, position_ids))
+
+
+def _inputs_at(layer: nn.Module, path: str, chunks: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """The input of `layer.<path>` for each chunk of hidden states (tokens × features), running the
+    layer only as far as that module."""
+    got: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        got.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        raise _Captured
+
+    handle = layer.get_submodule(path).register_forward_pre_hook(hook)
+    try:
+        for h in chunks:
+            try:
+                layer(h, **kwargs)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return got
+
+
+def _parent_pass(layer: nn.Module, chunks: list[torch.Tensor], kwargs: list[dict]) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """The inputs of each stage's first projection (per chunk) and the layer's outputs, in one pass."""
+    got: dict[str, list[torch.Tensor]] = {stage[0]: [] for stage in STAGES}
+    handles = [
+        layer.get_submodule(path).register_forward_pre_hook(lambda _m, args, path=path: got[path].append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        for path in got
+    ]
+    try:
+        out = [layer(h, **kw) for h, kw in zip(chunks, kwargs)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got, out
+
+
+def _grams(xc: list[torch.Tensor], xp: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X_cᵀX_c, X_pᵀX_c) in float64, accumulated chunk by chunk."""
+    d = xc[0].shape[1]
+    G = torch.zeros(d, d, dtype=torch.float64)
+    C = torch.zeros(d, d, dtype=torch.float64)
+    for c, p in zip(xc, xp):  # float32 products per chunk (10x faster than float64), float64 sums
+        G += (c.T @ c).double()
+        C += (p.T @ c).double()
+    return G, C
+
+
+def refit_projection(module: nn.Module, W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, damping: float, dense: bool = True) -> float:
+    """Set `module` (dense or LowRankLinear) to the best fit of the parent's W on these statistics;
+    return the relative output error ‖(M − M*)L‖ / ‖M*·L‖ of the truncation (0 for dense)."""
+    d = len(G)
+    Gd = G + damping * G.diagonal().mean().clamp_min(1e-12) * torch.eye(d, dtype=torch.float64)
+    L = torch.linalg.cholesky(Gd)
+    M = torch.cholesky_solve((W.double() @ C).T, L).T  # W·C·G⁻¹ (G symmetric)
+    if not isinstance(module, LowRankLinear):
+        if dense:
+            module.weight.copy_(M.to(module.weight.dtype))
+        return 0.0
+    U, S, Vh = torch.linalg.svd(M @ L, full_matrices=False)
+    r = module.rank
+    Vh = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False)  # V_rᵀ·L⁻¹
+    root = S[:r].sqrt()
+    module.B.weight.copy_((U[:, :r] * root).to(module.B.weight.dtype))
+    module.A.weight.copy_((root[:, None] * Vh).to(module.A.weight.dtype))
+    return float((S[r:] ** 2).sum().sqrt() / (S**2).sum().sqrt().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def sequential_refit(
+    parent: nn.Module, member: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, damping: float = 1e-2, dense: bool = True,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Refit every projection of `member` (in place; its ranks are kept) to `parent`, layer by layer,
+    on calibration `rows` (N × L token ids). Returns module path → relative truncation error."""
+    parent.eval()
+    member.eval()
+    chunks = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
+    h_p = [parent.model.embed_tokens(c) for c in chunks]
+    h_c = [member.model.embed_tokens(c) for c in chunks]
+    kwargs = [_layer_kwargs(parent, h) for h in h_p]
+    errors: dict[str, float] = {}
+    layers = parent.config.num_hidden_layers
+    bar = tqdm(total=layers * rows.numel(), unit="tok", unit_scale=True, desc="refit", disable=not progress)
+    start = time.perf_counter()
+    for i in range(layers):
+        lp, lc = parent.model.layers[i], member.model.layers[i]
+        # The parent's layer is fixed: one pass gives its inputs at all four points and its output.
+        xp_all, h_p = _parent_pass(lp, h_p, kwargs)
+        for stage in STAGES:
+            xc = [x for h, kw in zip(h_c, kwargs) for x in _inputs_at(lc, stage[0], [h], kw)]
+            G, C = _grams(xc, xp_all[stage[0]])
+            del xc
+            for path in stage:
+                W = lp.get_submodule(path).weight.detach()
+                errors[f"model.layers.{i}.{path}"] = refit_projection(lc.get_submodule(path), W, G, C, damping, dense)
+        del xp_all
+        h_c = [lc(h, **kw) for h, kw in zip(h_c, kwargs)]
+        bar.update(rows.numel())
+        bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+    bar.close()
+    return errors
