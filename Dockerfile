@@ -53,7 +53,7 @@ RUN mkdir -p /family /runs \
  && if [ "$BUILD_FAMILY" = "1" ]; then \
       family fetch-base smollm2-135m --out /runs/parent-smollm2-135m \
       && family build --parent /runs/parent-smollm2-135m --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
-           --calib-sequences "$CALIB_SEQUENCES" --train blocks --out /family \
+           --calib-sequences "$CALIB_SEQUENCES" --out /family \
       && family eval --family /family \
       && family profile --family /family --device-class cpu-2core --engine torch --rounds 1 \
       && rm -rf /runs/parent-smollm2-135m; \

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--parent", default=str(defaults.DEFAULT_PARENT_DIR))
     ap.add_argument("--targets", default="0.9,0.8,0.7")
     ap.add_argument("--default-family", type=Path, default=None, help="measure this family's members as the KD row (built by run_default.sh)")
-    ap.add_argument("--heal-tokens", type=int, default=30_000, help="KD row when built here: training tokens per member")
+    ap.add_argument("--heal-tokens", type=int, default=20_000, help="KD row when built here: training tokens per member")
     ap.add_argument("--old-heal-tokens", type=int, default=20_000, help="the old default's LM-loss healing tokens per member")
     ap.add_argument("--skip-old", action="store_true", help="leave out the WikiText row (it needs ../shared)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench/recipes"))
@@ -103,7 +103,8 @@ def main() -> None:
         old = args.work / "old-wikitext"
         build_family(BuildConfig(
             parent=parent_dir, targets=targets, calib=str(defaults.WIKITEXT_VALID), out=old, name="old", init="svd",
-            heal=HealConfig(tokens=args.old_heal_tokens, seq_len=256), calib_sequences=32, calib_seq_len=512, command=command,
+            heal=HealConfig(tokens=args.old_heal_tokens, seq_len=256, grad_accum=2, lr=3e-4, train="factors"),  # as it was
+            calib_sequences=32, calib_seq_len=512, command=command,
         ))
         from_disk(old, "WikiText LM loss (old default)")
 
@@ -129,7 +130,7 @@ def main() -> None:
         kd = args.work / "kd"
         build_family(BuildConfig(
             parent=parent_dir, targets=targets, calib="parent", out=kd, name="kd",
-            heal=HealConfig(tokens=args.heal_tokens, seq_len=256, train="blocks", distill_weight=1.0, temperature=1.0),
+            heal=HealConfig(tokens=args.heal_tokens, seq_len=256, distill_weight=1.0),  # `family build`'s defaults
             command=command,
         ))
         from_disk(kd, "+ KD on parent data (default)")

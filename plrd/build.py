@@ -150,7 +150,9 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     state.wait_for_everyone()
 
     if from_parent:
-        corpus = make_corpus(parent, tokenizer, parent_dir, cfg.runs_dir, cfg.corpus, progress=progress and state.is_main_process)
+        # Named after the parent as given (runs/parent-X → corpus-X-<hash>), so other families of it reuse it.
+        source_dir = Path(cfg.parent) if (Path(cfg.parent) / "config.json").is_file() else parent_dir
+        corpus = make_corpus(parent, tokenizer, source_dir, cfg.runs_dir, cfg.corpus, progress=progress and state.is_main_process)
         ids = corpus.token_ids()
         data_record = {"source": "parent", "corpus": str(corpus.folder), "sha256": corpus.meta["sha256"],
                        "tokens": corpus.meta["tokens"], "generated_tokens": corpus.meta["generated_tokens"], "config": corpus.meta["config"]}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from family.lowrank import LowRankLinear
+from plrd.factorize import balanced
 
 # The four input points of a decoder layer, in the order the layer computes them.
 STAGES = (
@@ -111,8 +112,9 @@ def refit_projection(module: nn.Module, W: torch.Tensor, G: torch.Tensor, C: tor
     r = module.rank
     Vh = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False)  # V_rᵀ·L⁻¹
     root = S[:r].sqrt()
-    module.B.weight.copy_((U[:, :r] * root).to(module.B.weight.dtype))
-    module.A.weight.copy_((root[:, None] * Vh).to(module.A.weight.dtype))
+    B, A = balanced(U[:, :r] * root, root[:, None] * Vh)
+    module.B.weight.copy_(B.to(module.B.weight.dtype))
+    module.A.weight.copy_(A.to(module.A.weight.dtype))
     return float((S[r:] ** 2).sum().sqrt() / (S**2).sum().sqrt().clamp_min(1e-300))
 
 

@@ -46,7 +46,7 @@ fi
 
 step "build the family: the parent's own corpus, targets $TARGETS, refit, distil $HEAL_TOKENS tokens per member -> $FAMILY_DIR (resumable)"
 family build --parent "$PARENT_DIR" --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
-  --calib-sequences "$CALIB_SEQUENCES" --train blocks --out "$FAMILY_DIR"
+  --calib-sequences "$CALIB_SEQUENCES" --out "$FAMILY_DIR"
 
 # What is still to measure: members without an agreement figure / without a profile on this device class.
 missing() {

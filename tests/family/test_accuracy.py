@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from family import defaults
+from family.data import read_prompts
 from family.accuracy import agreement, evaluate, perplexity, windows
 from family.errors import FamilyError
 from family.registry import load_family, read_registry
@@ -96,25 +98,36 @@ def _cli(args):
 
 
 def test_family_eval_stores_plausible_records(family_root):
-    args = ["eval", "--family", str(family_root), "--windows", "4", "--seq-len", "64", "--batch-size", "2"]
+    args = ["eval", "--family", str(family_root), "--windows", "4", "--seq-len", "64", "--batch-size", "2", "--answer-tokens", "8"]
     result = _cli(args)
     assert result.exit_code == 0, result.output
     reg = read_registry(family_root)
     p100, p60 = reg.member("tiny-p100"), reg.member("tiny-p60")
-    assert p100.quality == 1.0 and p100.metric("top1_agreement") == 1.0 and p100.metric("mean_kl") == pytest.approx(0, abs=1e-6)
-    assert 0 <= p60.quality < 1.0 and p60.metric("mean_kl") > 0
+    # The routing accuracy is chat agreement with the parent's greedy answers to held-out chat prompts.
+    assert p100.quality == 1.0 and p100.metric("chat_kl") == pytest.approx(0, abs=1e-6)
+    assert p100.metric("top1_agreement") == 1.0 and p100.metric("mean_kl") == pytest.approx(0, abs=1e-6)
+    assert 0 <= p60.quality <= 1.0 and p60.metric("chat_kl") > 0 and p60.metric("mean_kl") > 0
+    assert all(0 <= m.metric("degenerate_answers") <= 1 for m in (p100, p60))  # a random tiny model babbles: any share
+    n_prompts = len(read_prompts(defaults.EVAL_PROMPTS))
     for m in (p100, p60):
         ppl = m.metric("perplexity")
         assert 1 < ppl < 1e6 and math.isfinite(ppl)
-        assert {r.metric for r in m.accuracy} == {"perplexity", "top1_agreement", "mean_kl"}
+        assert {r.metric for r in m.accuracy} == {"perplexity", "top1_agreement", "mean_kl", "chat_agreement", "chat_kl", "degenerate_answers"}
         for r in m.accuracy:
-            assert r.data == str(defaults.EVAL_TEXT) and r.data_sha256 == sha256_file(defaults.EVAL_TEXT)
-            assert r.tokens == 4 * 63 and r.command.startswith("family ") and "--windows 4" in r.command
-    assert p60.accuracy[1].reference == "tiny-p100"
+            assert r.command.startswith("family ") and "--windows 4" in r.command
+            if r.metric.startswith("chat_") or r.metric == "degenerate_answers":  # held-out chat prompts
+                assert r.data == str(defaults.EVAL_PROMPTS) and r.data_sha256 == sha256_file(defaults.EVAL_PROMPTS)
+                assert r.tokens == n_prompts if r.metric == "degenerate_answers" else r.tokens >= n_prompts
+            else:  # held-out plain text
+                assert r.data == str(defaults.EVAL_TEXT) and r.data_sha256 == sha256_file(defaults.EVAL_TEXT)
+                assert r.tokens == 4 * 63
+    assert p60.latest("chat_agreement").reference == "tiny-p100"
+    answers = json.loads((family_root / "eval" / "answers-tiny-p60.json").read_text())["answers"]
+    assert len(answers) == n_prompts and all({"prompt", "answer", "degenerate"} <= set(a) for a in answers)
     # --skip-measured resumes: nothing is measured twice.
     again = _cli(args + ["--skip-measured"])
     assert again.exit_code == 0 and "already measured" in again.output
-    assert len(read_registry(family_root).member("tiny-p60").accuracy) == 3
+    assert len(read_registry(family_root).member("tiny-p60").accuracy) == 6
     # Without lm-eval (or its data) the tasks are skipped with the reason, never faked.
     lm = _cli(args + ["--member", "tiny-p60", "--lm-eval-tasks", "boolq", "--skip-measured"])
     assert lm.exit_code == 0

@@ -23,7 +23,7 @@ def _family(*args):
 def measured(tiny_family_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("measured") / "fam"
     shutil.copytree(tiny_family_dir, root)
-    done = _family("eval", "--family", str(root), "--windows", "4", "--seq-len", "64")
+    done = _family("eval", "--family", str(root), "--windows", "4", "--seq-len", "64", "--answer-tokens", "8")
     assert done.returncode == 0, done.stderr
     done = _family("profile", "--family", str(root), "--device-class", "test-cpu", "--member", "tiny-p60",
                    "--concurrency", "1,2", "--prompt-tokens", "8,32", "--output-tokens", "6", "--rounds", "1")
