@@ -1,9 +1,10 @@
 """The family's Pareto front as a PNG: accuracy against size, and against latency.
 
 Left: accuracy vs parameters. Right: accuracy vs time per output token at concurrency 1 on each
-profiled device class. Accuracy is held-out perplexity (log scale, lower is better) when measured,
-else quality (chat agreement with the parent, higher is better). The parent is a red star; the
-Pareto front (no other member both smaller/faster and more accurate) is drawn as a step line.
+profiled device class. Accuracy is what the router uses, chat agreement with the parent (higher is
+better), when measured, else held-out perplexity (log scale, lower is better). The parent is a red
+star, an unfit member (never routed to) a grey cross; the Pareto front (no other member both
+smaller/faster and more accurate) is drawn as a step line.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _tpot_ms(m: MemberRecord, device_class: str) -> float | None:
 
 def plot_family(registry: FamilyRegistry, out: Path, device_class: str | None = None) -> Path:
     """Write the PNG to `out` and return its path."""
-    use_ppl = any(m.metric("perplexity") is not None for m in registry.members)
+    use_ppl = not any(m.quality is not None for m in registry.members if not m.is_parent)
     score_of = (lambda m: m.metric("perplexity")) if use_ppl else (lambda m: m.quality)
     label = "held-out perplexity (lower is better)" if use_ppl else "chat agreement with parent (higher is better)"
     measured = [m for m in registry.members if score_of(m) is not None]
@@ -44,9 +45,11 @@ def plot_family(registry: FamilyRegistry, out: Path, device_class: str | None = 
     fig, (ax_size, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.6))
 
     def scatter(ax, x, y, m, text):
-        style = dict(marker="*", s=240, color="tab:red", zorder=3) if m.is_parent else dict(marker="o", s=60, color="tab:blue", zorder=3)
+        unfit = m.unfit_reason(registry.fitness) is not None
+        style = (dict(marker="*", s=240, color="tab:red", zorder=3) if m.is_parent else
+                 dict(marker="x", s=60, color="tab:gray", zorder=3) if unfit else dict(marker="o", s=60, color="tab:blue", zorder=3))
         ax.scatter(x, y, **style)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(text + (" (unfit)" if unfit else ""), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
 
     def front(ax, points, color):
         pts = pareto_front(points, lower_is_better=use_ppl)

@@ -39,6 +39,7 @@ from plrd.factorize import Allocation, Method, count_parameters, factorize
 from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
+from plrd.sensitivity import output_sensitivity
 
 PROVENANCE = "provenance.json"
 
@@ -174,7 +175,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             continue
         started, t0 = now_iso(), time.perf_counter()
         grams = collect_grams(current, calib, progress=progress) if cfg.method == "whitened" else None
-        member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, progress=progress)
+        sensitivity = output_sensitivity(current, calib[:16], progress=progress) if cfg.allocation == "sensitivity" else None
+        member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, sensitivity=sensitivity, progress=progress)
         del grams
         refit_s = None
         if cfg.init == "refit":

@@ -37,7 +37,7 @@ def build(
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
-    allocation: str = typer.Option("allocated", help="allocated (rank where truncation costs most) or uniform"),
+    allocation: str = typer.Option("allocated", help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(64, help="calibration sequences"),
     calib_seq_len: int = typer.Option(256, help="calibration sequence length"),
@@ -61,8 +61,8 @@ def build(
 
     if method not in ("whitened", "plain"):
         raise FamilyError(f"--method must be whitened or plain, got {method!r}")
-    if allocation not in ("allocated", "uniform"):
-        raise FamilyError(f"--allocation must be allocated or uniform, got {allocation!r}")
+    if allocation not in ("allocated", "sensitivity", "uniform"):
+        raise FamilyError(f"--allocation must be allocated, sensitivity or uniform, got {allocation!r}")
     if train not in ("factors", "blocks", "all"):
         raise FamilyError(f"--train must be factors, blocks or all, got {train!r}")
     if init not in ("refit", "svd"):

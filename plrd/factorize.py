@@ -23,7 +23,7 @@ from family.errors import FamilyError
 from family.lowrank import LowRankLinear, LowRankLlamaForCausalLM, lowrank_config_from, projection_paths
 
 Method = Literal["whitened", "plain"]
-Allocation = Literal["allocated", "uniform"]
+Allocation = Literal["sensitivity", "allocated", "uniform"]
 
 
 @dataclass
@@ -145,11 +145,15 @@ def _uniform_ranks(specs: list[Spectrum], budget: int) -> dict[str, int]:
     return ranks
 
 
-def _allocated_ranks(specs: list[Spectrum], budget: int) -> dict[str, int]:
+def _allocated_ranks(specs: list[Spectrum], budget: int, sensitivity: dict[str, float] | None = None) -> dict[str, int]:
+    """Greedy by worth per parameter. Without `sensitivity` a direction is worth its share of its
+    matrix's output energy; with it (plrd.sensitivity), its output energy times how much that output
+    matters to the loss, comparable across matrices."""
     worth = []
     for s in specs:
         energy = s.S.double() ** 2
-        worth.append(energy / energy.sum().clamp_min(1e-300) / (s.out_features + s.in_features))
+        value = energy * sensitivity[s.path] if sensitivity is not None else energy / energy.sum().clamp_min(1e-300)
+        worth.append(value / (s.out_features + s.in_features))
 
     def ranks_at(tau: float) -> dict[str, int]:
         # `worth` is non-increasing in k, so the directions above the threshold are a prefix.
@@ -163,13 +167,17 @@ def _allocated_ranks(specs: list[Spectrum], budget: int) -> dict[str, int]:
     return ranks_at(hi)
 
 
-def choose_ranks(specs: list[Spectrum], budget: int, allocation: Allocation) -> dict[str, int]:
+def choose_ranks(specs: list[Spectrum], budget: int, allocation: Allocation, sensitivity: dict[str, float] | None = None) -> dict[str, int]:
     """Rank per projection so that projection parameters ≈ `budget` (never above it)."""
     if allocation == "uniform":
         return _uniform_ranks(specs, budget)
     if allocation == "allocated":
         return _allocated_ranks(specs, budget)
-    raise FamilyError(f"unknown rank allocation {allocation!r} (allocated or uniform)")
+    if allocation == "sensitivity":
+        if sensitivity is None:
+            raise FamilyError("--allocation sensitivity needs output sensitivities (plrd.sensitivity)")
+        return _allocated_ranks(specs, budget, sensitivity)
+    raise FamilyError(f"unknown rank allocation {allocation!r} (sensitivity, allocated or uniform)")
 
 
 def projection_budget(model: nn.Module, target_fraction: float, parent_parameters: int) -> int:
@@ -252,6 +260,7 @@ def factorize(
     allocation: Allocation = "allocated",
     progress: bool = True,
     specs: list[Spectrum] | None = None,
+    sensitivity: dict[str, float] | None = None,
 ) -> LowRankLlamaForCausalLM:
     """`model` (dense or low-rank) cut down to `target_fraction` of `parent_parameters`.
 
@@ -262,7 +271,7 @@ def factorize(
     budget = projection_budget(model, target_fraction, parent_parameters)
     if specs is None:
         specs = spectra(model, grams, progress=progress)
-    ranks = choose_ranks(specs, budget, allocation)
+    ranks = choose_ranks(specs, budget, allocation, sensitivity)
     return build_lowrank(model, specs, ranks)
 
 

@@ -118,6 +118,27 @@ def refit_projection(module: nn.Module, W: torch.Tensor, G: torch.Tensor, C: tor
     return float((S[r:] ** 2).sum().sqrt() / (S**2).sum().sqrt().clamp_min(1e-300))
 
 
+def refine_block(layer: nn.Module, h_c: list[torch.Tensor], target: list[torch.Tensor], kwargs: list[dict], *, epochs: int, lr: float) -> None:
+    """A few Adam epochs on one refit layer: its output, from the member's inputs, toward the parent's
+    block output (so it also corrects what the layers before it got wrong). MSE scaled by the
+    target's variance."""
+    params = [p for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    var = torch.stack([t.float().var() for t in target]).mean().clamp_min(1e-12)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for h, t, kw in zip(h_c, target, kwargs):
+                loss = torch.nn.functional.mse_loss(layer(h, **kw), t) / var
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+
+
 @torch.no_grad()
 def sequential_refit(
     parent: nn.Module, member: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, damping: float = 1e-2, dense: bool = True,
@@ -147,6 +168,8 @@ def sequential_refit(
                 W = lp.get_submodule(path).weight.detach()
                 errors[f"model.layers.{i}.{path}"] = refit_projection(lc.get_submodule(path), W, G, C, damping, dense)
         del xp_all
+        if refine_epochs > 0:
+            refine_block(lc, h_c, h_p, kwargs, epochs=refine_epochs, lr=refine_lr)
         h_c = [lc(h, **kw) for h, kw in zip(h_c, kwargs)]
         bar.update(rows.numel())
         bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")

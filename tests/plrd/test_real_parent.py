@@ -15,11 +15,12 @@ from plrd.heal import HealConfig
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1800)
 def test_a_real_member_at_080_is_on_target_reloads_generates_and_beats_plain_svd(real_parent_dir, tmp_path):
     cfg = BuildConfig(
         parent=real_parent_dir, targets=[0.8], calib=str(defaults.WIKITEXT_VALID), out=tmp_path, name="smol",
-        heal=HealConfig(tokens=2048, seq_len=128, batch_size=4, grad_accum=1), calib_sequences=8, calib_seq_len=512,
-        command="test",
+        heal=HealConfig(tokens=2048, seq_len=128, batch_size=4, grad_accum=1, train="factors", lr=3e-4), calib_sequences=8,
+        calib_seq_len=512, init="svd", command="test",
     )
     [member_dir] = build_family(cfg, progress=False)
     family = load_family(tmp_path, verify="full")

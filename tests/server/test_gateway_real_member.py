@@ -14,6 +14,7 @@ from tests.server.gateway_fixtures import fleet
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1800)
 def test_a_real_member_answers_chat_through_the_gateway_without_degenerating(real_parent_dir, tmp_path):
     cfg = BuildConfig(
         parent=real_parent_dir, targets=[0.9], calib="parent", out=tmp_path / "family", name="smol",
