@@ -142,7 +142,7 @@ def refine_block(layer: nn.Module, h_c: list[torch.Tensor], target: list[torch.T
 @torch.no_grad()
 def sequential_refit(
     parent: nn.Module, member: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, damping: float = 1e-2, dense: bool = True,
-    progress: bool = True,
+    refine_epochs: int = 0, refine_lr: float = 1e-4, progress: bool = True,
 ) -> dict[str, float]:
     """Refit every projection of `member` (in place; its ranks are kept) to `parent`, layer by layer,
     on calibration `rows` (N × L token ids). Returns module path → relative truncation error."""

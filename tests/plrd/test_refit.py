@@ -44,3 +44,11 @@ def test_refit_keeps_the_ranks_and_is_closer_to_the_parent_than_the_svd(tiny, ca
     held_out = pack(tokenize(tok, defaults.EVAL_TEXT.read_text(encoding="utf-8")), 64, 4)  # text the refit never saw
     assert _kl(parent, refit, calib_rows) < _kl(parent, svd, calib_rows)
     assert _kl(parent, refit, held_out) < 1.5 * _kl(parent, svd, held_out)  # no wild overfit either
+
+
+def test_block_refinement_runs_and_keeps_the_member_close_to_the_parent(tiny, calib_rows):
+    parent, _ = tiny
+    member = factorize(parent, 0.6, count_parameters(parent), grams=collect_grams(parent, calib_rows, progress=False), progress=False)
+    sequential_refit(parent, member, calib_rows, refine_epochs=2, progress=False)
+    assert all(p.grad is None for p in member.parameters())  # no gradients left behind
+    assert _kl(parent, member, calib_rows) < 1.0
