@@ -51,7 +51,6 @@ def _batches(n: int, size: int):
 
 def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 16,
                    progress: bool = True, desc: str = "answers") -> list[list[int]]:
-    out: list[list[int]] = []
     bar = tqdm(total=len(prompt_ids) * max_new_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
     start = time.perf_counter()
     # Similar lengths together: less padding (order restored below).
@@ -64,8 +63,7 @@ def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         bar.update(len(idx) * max_new_tokens)
         bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     bar.close()
-    out = [by_index[i] for i in range(len(prompt_ids))]
-    return out
+    return [by_index[i] for i in range(len(prompt_ids))]
 
 
 def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = ANSWER_TOKENS, progress: bool = True) -> ChatReference:
