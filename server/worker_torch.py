@@ -1,14 +1,16 @@
-"""An OpenAI-compatible worker for one member on the embedded torch engine.
+"""An OpenAI-compatible worker for one or several members on the embedded torch engine.
 
 It speaks the same protocol as vLLM's server (the endpoints, SSE streaming, `/health`, and `/metrics`
-with vLLM's metric names), so the gateway reads every worker the same way, whichever engine runs it.
+with vLLM's metric names, labelled per member by `model_name`), so the gateway reads every worker the
+same way, whichever engine runs it. Several members share one engine (server.engine_torch): the
+request's `model` picks the member; /v1/models lists them all; a model it does not hold is a 404.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
@@ -16,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from family import defaults
-from server.engine_torch import GenRequest, QueueFull, TorchEngine
+from server.engine_torch import GenRequest, Member, QueueFull, TorchEngine
 from server.errors import APIError, install_error_handlers, not_found, overloaded
 from server.protocol import (
     SSE_DONE,
@@ -46,7 +48,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 class WorkerMetrics:
     """vLLM's metric names, so dashboards and the gateway need not care which engine runs."""
 
-    def __init__(self, model_name: str, engine: TorchEngine | None = None):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -58,41 +60,46 @@ class WorkerMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency", labels, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt = Counter("vllm:prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation = Counter("vllm:generation_tokens", "Tokens generated", labels, registry=r)
-        self.name = model_name
 
-    def observe(self, what: str, value) -> None:
+    def observe(self, member: str, what: str, value) -> None:
         if what == "ttft":
-            self.ttft.labels(self.name).observe(value)
+            self.ttft.labels(member).observe(value)
         elif what == "itl":
-            self.itl.labels(self.name).observe(value)
+            self.itl.labels(member).observe(value)
         elif what == "e2e":
-            self.e2e.labels(self.name).observe(value)
+            self.e2e.labels(member).observe(value)
         elif what == "tokens":
-            self.prompt.labels(self.name).inc(value[0])
-            self.generation.labels(self.name).inc(value[1])
+            self.prompt.labels(member).inc(value[0])
+            self.generation.labels(member).inc(value[1])
 
     def refresh(self, engine: TorchEngine) -> None:
-        self.running.labels(self.name).set(engine.stats.running)
-        self.waiting.labels(self.name).set(engine._waiting.qsize())
         capacity = engine.max_batch * engine.max_model_len
-        self.kv.labels(self.name).set(min(1.0, engine.stats.cache_tokens / capacity))
+        for name, m in engine.members.items():
+            self.running.labels(name).set(m.stats.running)
+            self.waiting.labels(name).set(m.waiting.qsize())
+            self.kv.labels(name).set(min(1.0, m.stats.cache_tokens / capacity))
 
 
 def create_app(
-    member_dir: Path,
-    name: str,
+    members: Path | Mapping[str, Path],
+    name: str | None = None,
     *,
     max_model_len: int = defaults.MAX_MODEL_LEN,
     max_batch: int = 16,
     max_waiting: int = 64,
     dtype: str = "float32",
+    layout: str = "measure",
 ) -> FastAPI:
-    metrics = WorkerMetrics(name)
+    """The worker app. `members`: {served name: member folder}; or one member folder with its `name`.
+    `max_batch`, `max_waiting`: per member. `dtype`, `layout`: see server.engine_torch.TorchEngine."""
+    members = {name: Path(members)} if isinstance(members, (str, Path)) else {k: Path(v) for k, v in members.items()}
+    metrics = WorkerMetrics()
     engine = TorchEngine(
-        Path(member_dir), max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting,
-        dtype=dtype, observer=metrics.observe,
+        members, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting,
+        dtype=dtype, layout=layout, observer=metrics.observe,
     )
-    app = FastAPI(title=f"family worker: {name} (torch)")
+    served = ", ".join(members)
+    app = FastAPI(title=f"family worker: {served} (torch)")
     install_error_handlers(app)
     app.state.engine = engine
 
@@ -100,11 +107,12 @@ def create_app(
     def _stop() -> None:
         engine.shutdown()
 
-    def check_model(model: str) -> None:
-        if model != name:
-            raise not_found(f"this worker serves {name!r}, not {model!r}")
+    def member_of(model: str | None) -> Member:
+        if model not in engine.members:
+            raise not_found(f"this worker serves {served}, not {model!r}")
+        return engine.members[model]
 
-    def make_request(body: SamplingParams, prompt_ids: list[int]) -> GenRequest:
+    def make_request(m: Member, body: SamplingParams, prompt_ids: list[int]) -> GenRequest:
         max_tokens = body.resolved_max_tokens()
         if len(prompt_ids) + max_tokens > max_model_len:
             raise APIError(
@@ -121,9 +129,9 @@ def create_app(
             ignore_eos=body.ignore_eos,
         )
         try:
-            engine.submit(req)
+            engine.submit(m.name, req)
         except QueueFull:
-            raise overloaded(f"worker {name} is at capacity ({max_waiting} waiting); retry shortly") from None
+            raise overloaded(f"worker for {m.name} is at capacity ({max_waiting} waiting); retry shortly") from None
         return req
 
     async def collect(req: GenRequest) -> tuple[str, str]:
@@ -162,9 +170,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        if not engine._thread.is_alive():
+        if not engine.alive():
             raise APIError(503, "engine thread is not running", type="server_error")
-        return {"status": "ok", "model": name, "engine": "torch"}
+        # `serving`: how each member is served here (dtype, dense or factored projections, the timings
+        # that chose them): the recorded choice of server.layout.
+        return {"status": "ok", "models": list(engine.members), "engine": "torch",
+                "serving": {name: m.layout.record() for name, m in engine.members.items()}}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -173,13 +184,15 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, max_model_len=max_model_len, root=str(member_dir))])
+        return ModelList(data=[ModelCard(id=m.name, max_model_len=max_model_len, root=str(m.dir))
+                               for m in engine.members.values()])
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        req = make_request(body, engine.chat_prompt_ids(messages))
+        m = member_of(body.model)
+        messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
+        req = make_request(m, body, m.chat_prompt_ids(messages))
+        name = m.name
         if body.stream:
             rid, created = new_id("chatcmpl"), int(time.time())
 
@@ -199,8 +212,9 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        req = make_request(body, engine.text_prompt_ids(body.prompt))
+        m = member_of(body.model)
+        req = make_request(m, body, m.text_prompt_ids(body.prompt))
+        name = m.name
         if body.stream:
             rid, created = new_id("cmpl"), int(time.time())
 

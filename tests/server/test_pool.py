@@ -103,7 +103,7 @@ def test_failed_requests_put_a_worker_in_a_growing_cooldown():
     ("workers: []\n", "workers"),
     ("workers: [\n", "not valid YAML"),
     ("workers:\n  - url: http://h:1\n    member: tiny-p80\n    device_class: cpu\n"
-     "  - url: http://h:1/\n    member: tiny-p60\n    device_class: cpu\n", "listed twice"),
+     "  - url: http://h:1/\n    member: tiny-p80\n    device_class: cpu\n", "listed twice for member 'tiny-p80'"),
 ])
 def test_a_bad_fleet_file_is_one_clear_line(tiny_family, tmp_path, text, message):
     path = tmp_path / "fleet.yaml"
@@ -119,10 +119,12 @@ def test_a_good_fleet_file_mixes_gpu_and_cpu_nodes(tiny_family, tmp_path):
         "workers:\n"
         "  - {url: 'http://10.0.0.5:8000', member: tiny-p100, device_class: h100, api_key: sk-node-secret}\n"
         "  - {url: 'http://10.0.0.6:8000/', member: tiny-p60, device_class: cpu-2core}\n"
+        "  - {url: 'http://10.0.0.6:8000', member: tiny-p80, device_class: cpu-2core}\n"  # one worker, two members
     )
     specs = load_fleet(path, load_family(tiny_family))
-    assert [(s.base, s.device_class, s.api_key) for s in specs] == [
-        ("http://10.0.0.5:8000", "h100", "sk-node-secret"), ("http://10.0.0.6:8000", "cpu-2core", None)]
+    assert [(s.base, s.member, s.device_class, s.api_key) for s in specs] == [
+        ("http://10.0.0.5:8000", "tiny-p100", "h100", "sk-node-secret"), ("http://10.0.0.6:8000", "tiny-p60", "cpu-2core", None),
+        ("http://10.0.0.6:8000", "tiny-p80", "cpu-2core", None)]
     with pytest.raises(FamilyError, match="not found"):
         load_fleet(tmp_path / "missing.yaml", load_family(tiny_family))
 

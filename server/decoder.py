@@ -1,0 +1,178 @@
+"""The torch engine's decode path: a Llama forward over a static KV cache, laid out for bytes, not Python.
+
+Why not `transformers`' own forward: at batch 1 a 135M-parameter decoder spends its time reading
+weights, and every Python-level op (module calls, a DynamicCache that concatenates every step, masks
+rebuilt per step, left-padded batches re-spliced when a request joins) is time not spent reading them.
+Here each sequence owns a *slot* of a preallocated per-layer cache `[slots, kv_heads, width, head_dim]`
+(grown by doubling, so its shape changes a handful of times per process, never per step); the running
+rows sit in slots 0..n-1, so one decode step is one batched forward over views of the cache, with
+a key mask built from each row's position. A prompt is prefilled into a fresh slot with causal
+attention over its own keys (no padding ever reaches a row's attention).
+
+Projections follow a `Layout` (server.layout): the projections reading one input (q/k/v; gate/up)
+are one stacked matmul whose rows are the dense weights of the merged ones and the A factors of the
+factored ones, then each factored one's B; o and down are one matmul dense or two factored. Norms,
+the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from server.layout import Form, Layout, Projection
+
+
+class Stage:
+    """Projections of one shared input: one stacked first matmul, then a B matmul per factored one."""
+
+    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype):
+        firsts, biases, self.slices = [], [], []
+        offset, has_bias = 0, any(p.bias is not None for p, _ in parts)
+        for proj, form in parts:
+            first, second, bias = form.matrices(proj)
+            rows = first.shape[0]
+            firsts.append(first)
+            # A dense projection's bias belongs to the stacked matmul; a factored one's to its B.
+            biases.append(bias if second is None and bias is not None else first.new_zeros(rows))
+            b = None
+            if second is not None:
+                b = (second.to(dtype).contiguous(), None if bias is None else bias.to(dtype))
+            self.slices.append((offset, offset + rows, b))
+            offset += rows
+        self.weight = torch.cat(firsts).to(dtype).contiguous()
+        self.bias = torch.cat(biases).to(dtype) if has_bias else None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = F.linear(x, self.weight, self.bias)
+        if len(self.slices) == 1 and self.slices[0][2] is None:
+            return [h]
+        return [h[..., a:b] if second is None else F.linear(h[..., a:b], *second) for a, b, second in self.slices]
+
+
+class _Layer:
+    def __init__(self, hf_layer: nn.Module, qkv: Stage, o: Stage, gate_up: Stage, down: Stage):
+        self.ln1, self.ln2 = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+
+
+class StaticDecoder:
+    """One member's weights as served, plus its KV cache. Not thread-safe: the scheduler thread owns it."""
+
+    def __init__(self, model: nn.Module, layout: Layout, *, max_slots: int, max_len: int, min_width: int = 128):
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {cfg.hidden_act!r} (the Llama family uses silu)")
+        self.layout, self.dtype = layout, layout.dtype
+        model = model.to(layout.dtype)
+        self.embed, self.norm, self.rotary = model.model.embed_tokens, model.model.norm, model.model.rotary_emb
+        self.lm_head = model.lm_head.weight.detach()
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.layers = []
+        for i, hf_layer in enumerate(model.model.layers):
+            def stage(*names: str) -> Stage:
+                paths = [f"model.layers.{i}.{n}" for n in names]
+                return Stage([(Projection.of(model, p), layout.forms[p]) for p in paths], layout.dtype)
+
+            self.layers.append(_Layer(hf_layer, stage("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                      stage("self_attn.o_proj"), stage("mlp.gate_proj", "mlp.up_proj"), stage("mlp.down_proj")))
+        self.max_slots, self.max_len, self.min_width = max_slots, max_len, min_width
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    # --- the cache ----------------------------------------------------------------------------------
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def reserve(self, slots: int, width: int) -> None:
+        """Room for `slots` rows of `width` positions (capacity doubles; contents are kept)."""
+        have_s, have_w = (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        if slots <= have_s and width <= have_w:
+            return
+        if width > self.max_len or slots > self.max_slots:
+            raise ValueError(f"cache request {slots}x{width} past {self.max_slots}x{self.max_len}")
+        new_s = min(self.max_slots, max(have_s, _pow2(slots)))
+        new_w = min(self.max_len, max(have_w, self.min_width, _pow2(width)))
+        shape = (new_s, self.kv_heads, new_w, self.head_dim)
+        for store in (self.keys, self.values):
+            for i in range(len(self.layers)):
+                grown = torch.zeros(shape, dtype=self.dtype)
+                if store and len(store) > i:
+                    grown[:have_s, :, :have_w] = store[i]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+
+    @torch.inference_mode()  # the cache tensors are inference tensors (made in prefill/decode)
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a row's cache from slot `src` to slot `dst` (keeps the running rows in slots 0..n-1)."""
+        for store in (self.keys, self.values):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+    # --- forward ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts into slots first_slot.. (right-padded together); the logits of each last token."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        self.reserve(first_slot + n, width)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        positions = torch.arange(width)[None].expand(n, width)
+        rows = slice(first_slot, first_slot + n)
+
+        def attend(i: int, q, k, v):
+            self.keys[i][rows, :, :width] = k
+            self.values[i][rows, :, :width] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+
+        x = self._layers(self.embed(ids), positions, attend)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        return self._logits(x[torch.arange(n), last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of the rows in slots 0..n-1 (`tokens`, `positions`: [n]); their logits."""
+        n = tokens.shape[0]
+        width = int(positions.max()) + 1
+        self.reserve(n, width)
+        rows = torch.arange(n)
+        mask = (torch.arange(width)[None] <= positions[:, None])[:, None, None, :]  # [n, 1, 1, width]
+
+        def attend(i: int, q, k, v):
+            keys, values = self.keys[i], self.values[i]
+            keys[rows, :, positions] = k[:, :, 0]
+            values[rows, :, positions] = v[:, :, 0]
+            return F.scaled_dot_product_attention(q, keys[:n, :, :width], values[:n, :, :width], attn_mask=mask,
+                                                  enable_gqa=self.kv_heads != self.heads)
+
+        x = self._layers(self.embed(tokens[:, None]), positions[:, None], attend)
+        return self._logits(x[:, 0])
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        n, t = positions.shape
+        cos, sin = self.rotary(x, positions)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.ln1(x))
+            q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            a = attend(i, q, k, v).transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
+            x = x + layer.o(a)[0]
+            gate, up = layer.gate_up(layer.ln2(x))
+            x = x + layer.down(F.silu(gate) * up)[0]
+        return x
+
+    def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(last_hidden), self.lm_head).float()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,181 @@
+"""One torch worker serving several members (issue 11): correct tokens for each, at once, over real HTTP
+with the official client; a member it does not hold is a 404 in OpenAI's shape; the gateway routes
+around the shared worker when its process is killed. And the decode path's layouts (stacked, merged
+back to dense, factored at a padded rank) and its slot compaction give transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import signal
+import time
+
+import aiohttp
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from family.profile import WorkerProcess
+from family.registry import load_family
+from server.decoder import StaticDecoder
+from server.fleet import WorkerSpec
+from server.gateway import create_app as create_gateway
+from server.layout import Form, Layout, plan_layout
+from server.metrics import GatewayMetrics
+from server.pool import Pool
+from server.worker_torch import create_app
+from tests.server.conftest import serve
+from tests.server.gateway_fixtures import DEVICE, tiny_family  # noqa: F401  (fixture)
+
+PROMPTS = ["The tower is", "In 1905 the", "Rivers of the north"]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_parent_dir, tiny_member_dir):
+    app = create_app({"tiny-parent": tiny_parent_dir, "tiny-p70": tiny_member_dir}, max_model_len=256, max_batch=4)
+    with serve(app) as url:
+        yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def _greedy(member_dir, prompt: str, n: int) -> str:
+    """transformers' own greedy continuation of `prompt` (to eos or n tokens), as text."""
+    tok = AutoTokenizer.from_pretrained(member_dir)
+    model = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _running(url: str) -> dict[str, float]:
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("vllm:num_requests_running{")]
+    return {line.split('model_name="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+
+def test_two_members_at_once_each_answer_like_transformers(shared, tiny_parent_dir, tiny_member_dir):
+    url, client = shared
+    dirs = {"tiny-parent": tiny_parent_dir, "tiny-p70": tiny_member_dir}
+    jobs = [(m, p) for m in dirs for p in PROMPTS]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=16, temperature=0), jobs))
+    for (member, prompt), out in zip(jobs, got):
+        assert out.model == member
+        assert out.choices[0].text == _greedy(dirs[member], prompt, 16), (member, prompt)
+    assert [m.id for m in client.models.list().data] == ["tiny-parent", "tiny-p70"]
+
+
+def test_both_members_decode_in_the_same_engine_at_the_same_time(shared):
+    """Two long streams, one per member, overlap: both rows are running together, and each stream's text
+    is what it is alone."""
+    url, client = shared
+    kw = dict(prompt="Rivers of the north", max_tokens=120, temperature=0, extra_body={"ignore_eos": True})
+    alone = {m: client.completions.create(model=m, **kw).choices[0].text for m in ("tiny-parent", "tiny-p70")}
+    a = client.completions.create(model="tiny-parent", stream=True, **kw)
+    text_a = [next(a).choices[0].text for _ in range(4)]
+    b = client.completions.create(model="tiny-p70", stream=True, **kw)
+    text_b = [next(b).choices[0].text for _ in range(4)]
+    both = _running(url)
+    text_a += [c.choices[0].text for c in a]
+    text_b += [c.choices[0].text for c in b]
+    assert both == {"tiny-parent": 1.0, "tiny-p70": 1.0}
+    assert "".join(text_a) == alone["tiny-parent"] and "".join(text_b) == alone["tiny-p70"]
+
+
+def test_the_gateway_pool_reads_each_members_load_from_the_shared_worker(shared):
+    """One stream busy on tiny-parent: the pool's state for tiny-parent at that url shows it running, the
+    state for tiny-p70 at the same url shows nothing (load is per member within the worker)."""
+    url, client = shared
+    specs = [WorkerSpec(url=url, member=m, device_class="cpu") for m in ("tiny-parent", "tiny-p70")]
+    stream = client.completions.create(model="tiny-parent", prompt="a", max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(stream)
+
+    async def check() -> dict[str, float]:
+        async with aiohttp.ClientSession() as session:
+            pool = Pool(specs, session, GatewayMetrics())
+            await pool.check_all()
+            return {w.spec.member: w.running for w in pool.workers if w.healthy}
+
+    loads = asyncio.run(check())
+    stream.close()
+    assert loads == {"tiny-parent": 1.0, "tiny-p70": 0.0}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_member_the_worker_does_not_hold_is_a_404_in_openai_shape(shared, path):
+    url, client = shared
+    body = {"model": "tiny-p50", "prompt": "x"} if "chat" not in path else {"model": "tiny-p50", "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(f"{url}{path}", json=body)
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == "model" and "tiny-p50" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-p50", prompt="x", max_tokens=2)
+
+
+def test_health_records_how_each_member_is_served(shared):
+    url, _ = shared
+    serving = httpx.get(f"{url}/health").json()["serving"]
+    assert set(serving) == {"tiny-parent", "tiny-p70"}
+    assert serving["tiny-parent"]["projections"] == {"dense": 14}  # a dense parent has nothing to choose
+    assert sum(serving["tiny-p70"]["projections"].values()) == 14 and serving["tiny-p70"]["how"] == "measured"
+    assert serving["tiny-p70"]["timings_us"]  # the factored shapes were timed, each form
+
+
+def _reference_ids(model, prompt: list[int], n: int) -> list[int]:
+    return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+
+
+def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_member_dir):
+    """Factor pairs (stacked A's), merged dense, factored at a padded rank: the same greedy tokens. Row 0
+    finishes after 5 tokens and row 2 moves into its slot: both remaining rows stay exact."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
+    refs = [_reference_ids(model, p, 16) for p in prompts]
+    factored = plan_layout(model, "float32", "factored")
+    padded = Layout(torch.float32, {p: Form("factored", f.rank + 3) for p, f in factored.forms.items()}, how="test")
+    assert factored.forms and all(f.kind == "factored" for f in factored.forms.values())
+    for layout in (factored, plan_layout(model, "float32", "dense"), padded):
+        dec = StaticDecoder(model, layout, max_slots=4, max_len=64, min_width=8)  # small width: the cache grows mid-run
+        tokens = dec.prefill(0, prompts).argmax(-1)
+        got = [[int(t)] for t in tokens]
+        rows, positions = [0, 1, 2], torch.tensor([len(p) for p in prompts])
+        for step in range(15):
+            if step == 4:  # row 0 is done: the last row moves into its slot
+                dec.move(2, 0, int(positions[2]))
+                rows, tokens, positions = [2, 1], tokens[[2, 1]], positions[[2, 1]]
+            tokens = dec.decode(tokens, positions).argmax(-1)
+            positions = positions + 1
+            for slot, row in enumerate(rows):
+                got[row].append(int(tokens[slot]))
+        assert got[0] == refs[0][:5], layout.how
+        assert got[1] == refs[1] and got[2] == refs[2], layout.how
+
+
+def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_path):
+    """A worker process serving two members is SIGKILLed: both members' requests go to the other worker,
+    and the gateway marks the dead worker out for each member it served."""
+    fam = load_family(tiny_family)
+    members = ["tiny-p80", "tiny-p60"]
+    with WorkerProcess([fam.member_dir(m) for m in members], members, "torch", log=tmp_path / "shared.log", ready_timeout=300) as victim, \
+            serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=256, max_batch=4)) as survivor:
+        specs = [WorkerSpec(url=u, member=m, device_class=DEVICE) for u in (victim.url, survivor) for m in members]
+        with serve(create_gateway(fam, specs, health_interval=0.3)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            deadline = time.monotonic() + 30
+            while not all(w["healthy"] for w in httpx.get(f"{url}/v1/family").json()["workers"]):
+                assert time.monotonic() < deadline, "workers never healthy"
+                time.sleep(0.1)
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(timeout=10)
+            served_by = set()
+            for i in range(8):
+                raw = client.completions.with_raw_response.create(model=members[i % 2], prompt="a", max_tokens=2)
+                assert raw.http_response.status_code == 200
+                served_by.add(raw.headers["x-family-worker"])
+            assert served_by == {survivor}
+            state = [w for w in httpx.get(f"{url}/v1/family").json()["workers"] if w["url"] == victim.url]
+            assert {w["member"] for w in state} == set(members)
+            assert all(w["healthy"] is False or w["in_cooldown"] for w in state)
