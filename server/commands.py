@@ -101,6 +101,12 @@ def serve(
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
     worker_threads: int = typer.Option(0, help="local torch workers: CPU threads each (0 = this machine's cores shared out evenly)"),
+    state: str = typer.Option("memory", help="where per-key token quotas live: memory (this replica) or redis://host:port/db "
+                                             "(shared by every replica pointed at it)"),
+    state_failure: str = typer.Option("open", help="when the --state Redis is unreachable: open (serve unreserved; default) or "
+                                                   "closed (503 quota_state_unavailable)"),
+    otel: str = typer.Option("none", envvar="OTEL_TRACES_EXPORTER",
+                             help="OpenTelemetry traces, one span per request: none, console, or otlp (OTEL_EXPORTER_OTLP_ENDPOINT)"),
 ) -> None:
     """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget.
 
@@ -120,6 +126,9 @@ def serve(
     from server.fleet import LocalWorkers, load_fleet
     from server.gateway import create_app
     from server.limits import Limits
+    from server.quotas import FAILURE_POLICIES
+    from server.state import open_state
+    from server.tracing import tracer_provider
 
     fam = load_family(family_dir)
     for name, why in fam.problems.items():
@@ -133,6 +142,10 @@ def serve(
     if max_body_bytes < 1024:
         raise FamilyError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
     auth = Auth.from_file(api_keys, members=set(fam.registry.names()))
+    if state_failure not in FAILURE_POLICIES:
+        raise FamilyError(f"--state-failure must be open or closed, got {state_failure!r}")
+    state_backend = open_state(state)
+    provider = tracer_provider(otel)
     # SIGTERM stops the gateway like Ctrl-C does, through the `finally` below that stops local workers
     # (uvicorn re-raises the signal it caught once it has shut down; the default action would skip it).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -145,8 +158,10 @@ def serve(
             local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None)
             specs = local.specs
         limits = Limits.for_context(max(m.max_model_len for m in fam.servable), max_body_bytes=max_body_bytes)
-        app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval, limits=limits)
-        typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers)", err=True)
+        app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval, limits=limits,
+                         state_backend=state_backend, state_failure=state_failure, tracer_provider=provider)
+        typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers; quota state: "
+                   f"{state_backend.url}, fail {state_failure}; traces: {otel})", err=True)
         gc.collect()
         gc.freeze()  # start-up objects (tokenizers, registry, imports) out of the collector's way: shorter GC pauses
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -42,8 +42,11 @@ from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
 from server.metrics import GatewayMetrics
 from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
 from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, sse
+from server.quotas import NO_QUOTA, FailurePolicy, Quotas, Ticket
 from server.router import Choice, best_effort, no_fit_error, route
+from server.state import StateBackend
 from server.tokens import Tokenizers
+from server.tracing import NO_TRACE, RequestTrace, Tracing
 
 BUDGET_HEADERS = {
     "x-budget-memory-gb": "max_memory_gb",
@@ -120,9 +123,11 @@ class Gateway:
             self.metrics.budget_misses.labels(member, "max_latency_ms").inc()
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
-                     grant: Grant = OPEN, chars: int = 0) -> Response:
+                     grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE) -> Response:
         members = [pinned] if pinned else [m.name for m in self.family.servable if grant.members is None or m.name in grant.members]
         p, o = await self.tokenizers.count_async(body, members, chars), body.resolved_max_tokens()
+        await ticket.reserve(max(p.values(), default=0) + o)  # 429 over the key's token quota (server.quotas)
+        trace.set(prompt_tokens=max(p.values(), default=0), max_tokens=o, stream=body.stream, quota_reserved_tokens=ticket.reserved or None)
         prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         payload = body.upstream_payload()
         attempts = Attempts(self.pool, self.metrics)
@@ -134,6 +139,7 @@ class Gateway:
             if not choices:
                 break
             choice = choices[0]
+            trace.attempt(choice)
             first_member = first_member or choice.member.name
             if choice.member.name != first_member:
                 self.metrics.fallbacks.labels(first_member, choice.member.name).inc()
@@ -146,7 +152,8 @@ class Gateway:
             released = False
             upstream: aiohttp.ClientResponse | None = None
             try:
-                upstream = await self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(), headers=w.headers,
+                upstream = await self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(),
+                                                        headers=trace.upstream_headers(w.headers),
                                                         timeout=self.timeout)
                 status = upstream.status
                 if status >= 500 or status == 429:
@@ -166,10 +173,14 @@ class Gateway:
                 if body.stream:
                     head, ttft = await self._head(upstream, start)
                     released = True  # the relay owns the connection and the in-flight count from here
-                    return StreamingResponse(self._relay(upstream, head, ttft, choice, budget, start),
+                    return StreamingResponse(self._relay(upstream, head, ttft, choice, budget, start, ticket, trace, p.get(choice.member.name, 0)),
                                              media_type="text/event-stream", headers=route_headers(choice))
                 content = await upstream.read()
-                self._observe_whole(choice, content, time.perf_counter() - start, budget)
+                e2e = time.perf_counter() - start
+                self._observe_whole(choice, content, e2e, budget)
+                trace.observed(None, e2e)
+                if ticket.active:
+                    ticket.used(_total_tokens(content) or ticket.reserved)  # no usage reported: the worst case
                 return Response(content, media_type="application/json", headers=route_headers(choice))
             except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
                 self.pool.fail(w, type(exc).__name__)
@@ -209,7 +220,8 @@ class Gateway:
                 return head, None
 
     async def _relay(self, upstream: aiohttp.ClientResponse, head: list[bytes], ttft: float | None, choice: Choice,
-                     budget: Budget, start: float) -> AsyncIterator[bytes]:
+                     budget: Budget, start: float, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
+                     prompt_tokens: int = 0) -> AsyncIterator[bytes]:
         w, member = choice.worker, choice.member.name
         last = time.perf_counter() if ttft is not None else None
         chunks = 1 if ttft is not None else 0
@@ -239,6 +251,8 @@ class Gateway:
                         self.metrics.itl.labels(member).observe(now - last)
                     last = now
                     chunks += 1
+                elif ticket.active and (m := _TOTAL_TOKENS.search(line)):  # the usage chunk (stream_options.include_usage)
+                    ticket.used(int(m.group(1)))
                 yield line + b"\n\n"
         except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
             outcome = "stream_error"
@@ -255,6 +269,10 @@ class Gateway:
             e2e = time.perf_counter() - start
             self.metrics.e2e.labels(member).observe(e2e)
             self.metrics.requests.labels(member, w.name, outcome if done or outcome != "ok" else "cancelled").inc()
+            trace.observed(ttft, e2e)
+            trace.set(outcome=outcome if done or outcome != "ok" else "cancelled")
+            if ticket.active and ticket.usage is None:  # no usage chunk: the prompt and the token chunks relayed
+                ticket.used(prompt_tokens + chunks)
             if outcome == "ok" and done:
                 pred = choice.predicted
                 if pred is not None and ttft is not None and last is not None:
@@ -287,14 +305,27 @@ class _UpstreamEnded(Exception):
 
 _DONE = b"data: [DONE]"
 _TOKEN = re.compile(rb'"(?:content|text)":"[^"]')  # a chunk carrying generated text (not the empty role chunk)
+_TOTAL_TOKENS = re.compile(rb'"usage":\s*\{[^}]*"total_tokens":\s*(\d+)')
+
+
+def _total_tokens(content: bytes) -> int | None:
+    """usage.total_tokens of a whole (non-streamed) response, or None when it has none."""
+    m = _TOTAL_TOKENS.search(content)
+    return int(m.group(1)) if m else None
 
 
 def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None = None, timeout: float = 120.0,
-               health_interval: float = 2.0, live: bool = True, limits: Limits | None = None) -> FastAPI:
+               health_interval: float = 2.0, live: bool = True, limits: Limits | None = None, state_backend: StateBackend | None = None,
+               state_failure: FailurePolicy = "open", tracer_provider=None) -> FastAPI:
+    """The gateway app. `state_backend`: where token quotas live (server.state: Redis shared by replicas, or this
+    process's memory by default), with `state_failure` applied when it is unreachable (server.quotas);
+    `tracer_provider`: an OpenTelemetry TracerProvider for one span per request (server.tracing), or None."""
     auth = auth or Auth()
     limits = limits or Limits.for_context(max((m.max_model_len for m in family.servable), default=2048))
     metrics = GatewayMetrics()
     tokenizers = Tokenizers(family)  # once, at start-up
+    quotas = Quotas(state_backend, state_failure, metrics)
+    tracing = Tracing(tracer_provider)
     state: dict = {}
 
     @contextlib.asynccontextmanager
@@ -309,6 +340,8 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
         finally:
             await pool.stop()
             await session.close()
+            await quotas.close()  # settlements in flight first
+            tracing.shutdown()
 
     app = FastAPI(title=f"family gateway: {family.registry.name}", lifespan=lifespan)
     install_error_handlers(app)
@@ -329,18 +362,36 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
         return model
 
     async def completion(path: str, body, request: Request) -> Response:
+        trace = tracing.start(path, request.headers)
+        ticket = NO_QUOTA
+
+        def settle() -> None:  # once the response is sent or abandoned: quota settlement, then the span ends
+            ticket.finish()
+            trace.set(quota_used_tokens=ticket.usage if ticket.active else None)
+            trace.finish()
+
+        on_finish(request.scope, settle)
         try:
             key = caller(request)
+            trace.set(key=key.name if key is not None else None)
             auth.admit(key)
             pinned = pinned_member(body.model)
             grant = grant_for(key, family, pinned)  # 403: a member outside the key's list
             chars = check_prompt_chars(body, limits)  # 400 before tokenizing: cannot fit any member
             budget = grant.narrow(resolve_budget(body.budget, request, key))
             on_finish(request.scope, auth.acquire(key))  # 429 over the key's concurrency; freed when the response ends
+            ticket = quotas.ticket(key)
         except APIError as exc:
             metrics.refused.labels(exc.code or str(exc.status_code)).inc()
+            trace.status(exc.status_code, exc.code)
             raise
-        return await state["gateway"].handle(path, body, budget, pinned, grant, chars)
+        try:
+            response = await state["gateway"].handle(path, body, budget, pinned, grant, chars, ticket=ticket, trace=trace)
+        except APIError as exc:
+            trace.status(exc.status_code, exc.code)
+            raise
+        trace.status(response.status_code)
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:

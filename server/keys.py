@@ -5,6 +5,8 @@
         name: team-a
         requests_per_minute: 120 # rate (token bucket per key, per gateway replica)
         max_concurrent: 4        # requests in flight at once (streams count until they end)
+        tokens_per_minute: 20000 # token quotas (server.quotas): prompt + completion tokens, reserved before
+        tokens_per_day: 2000000  # sending, shared by every replica with --state redis://...
         budget: {max_latency_ms: 3000}              # default budget: a request may override it
         members: [smollm2-135m-p80, smollm2-135m-p70]  # the only members it may use (pinned or routed)
         cap: {max_memory_gb: 1.6, max_latency_ms: 5000}  # ceiling: a request is narrowed to it
@@ -64,6 +66,9 @@ class KeySpec(BaseModel):
     admin: bool = False
     requests_per_minute: float | None = Field(default=None, gt=0)
     max_concurrent: int | None = Field(default=None, ge=1)
+    # Token quotas (server.quotas), shared by every replica with --state redis://...: prompt + completion tokens.
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
     budget: Budget | None = None
     members: list[str] | None = Field(default=None, min_length=1)
     cap: KeyCap | None = None

@@ -25,3 +25,6 @@ class GatewayMetrics:
         self.strikes = Counter("family_worker_strikes", "HTTP 5xx to a request that another worker then served", ["worker"], registry=r)
         self.refused = Counter("family_refused_requests", "Requests refused at the edge before any work (by error code)", ["code"], registry=r)
         self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker", ["worker"], registry=r)
+        self.quota = Counter("family_quota_decisions", "Token-quota reservations per key: reserved, over_tokens_per_minute, "
+                             "over_daily_tokens, state_unavailable_open, state_unavailable_closed", ["key", "decision"], registry=r)
+        self.state_errors = Counter("family_state_errors", "Calls to the shared state store (Redis) that failed", ["op"], registry=r)
