@@ -16,8 +16,10 @@ family and on SmolLM2-135M:
 
 A request *met its budget* when it succeeded (HTTP 200; a stream ended with ``[DONE]`` and no error
 event), its observed TTFT ≤ ``max_ttft_ms`` (a non-streamed response's first token arrives with the
-whole body, so its TTFT is its total time), its total time ≤ ``max_latency_ms``, and the member that
-served it (``x-family-member``) fits ``max_memory_gb`` and ``min_accuracy`` by the registry's figures.
+whole body, so its TTFT is its total time), its total time ≤ ``max_latency_ms``, its time per output
+token after the first ≤ ``max_tpot_ms`` (a non-streamed response shows no token times, so its whole time
+over its tokens stands in: an upper bound), and the member that served it (``x-family-member``) fits
+``max_memory_gb`` and ``min_accuracy`` by the registry's figures.
 Rejected (``budget_error``), overloaded (429) and failed requests did not meet it.
 """
 
@@ -276,6 +278,9 @@ def judge(o: Outcome, fig: Figures) -> Outcome:
             missed.append("max_ttft_ms")
         if "max_latency_ms" in b and o.e2e_ms > b["max_latency_ms"]:
             missed.append("max_latency_ms")
+        tpot = o.tpot_ms if o.stream else (o.e2e_ms / o.tokens if o.tokens > 1 else None)
+        if "max_tpot_ms" in b and tpot is not None and tpot > b["max_tpot_ms"]:
+            missed.append("max_tpot_ms")
         m = fig.member(o.member or o.model)
         if "max_memory_gb" in b and (m is None or fig.memory_gb(m) > b["max_memory_gb"]):
             missed.append("max_memory_gb")

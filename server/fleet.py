@@ -7,6 +7,8 @@ From a file (`--fleet fleet.yaml`), for workers that run elsewhere (GPU nodes wi
         member: smollm2-135m-p80
         device_class: h100
         api_key: optional-bearer-token
+        max_concurrent: 8              # requests the gateway sends it at once (default: the gateway's --worker-slots)
+        prefix_caching: true           # it caches prompt prefixes (vLLM): affinity hits shorten predicted TTFT
 
 A worker that serves several members (one `family worker` per CPU host, the torch engine's way) is
 listed once per member with the same url; the gateway keeps load and speed per member of it.
@@ -33,6 +35,8 @@ class WorkerSpec(BaseModel):
     member: str = Field(min_length=1)
     device_class: str = Field(min_length=1)
     api_key: str | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)  # gateway-side slots (server.priority); None: the gateway's default
+    prefix_caching: bool = False  # vLLM's automatic prefix caching: an affinity hit skips the cached prefill (server.affinity)
 
     @property
     def base(self) -> str:

@@ -19,6 +19,7 @@ the gateway adds to a request (benchmarks/gateway_overhead.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -37,11 +38,14 @@ from server.auth import Auth, KeySpec
 from server.caps import OPEN, Grant, grant_for
 from server.errors import APIError, install_error_handlers, not_found
 from server.fleet import WorkerSpec
+from server.affinity import Affinity, AffinityKey, affinity_key
+from server.deadlines import DEFAULT_S as FIRST_TOKEN_S, FirstTokenTimeout, first_token_deadline, no_first_token_error
 from server.isolation import Attempts
 from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
 from server.metrics import GatewayMetrics
 from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
-from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, sse
+from server.priority import Admission, Admitted, RoutingPolicy, resolve_priority
+from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Priority, sse
 from server.quotas import NO_QUOTA, FailurePolicy, Quotas, Ticket
 from server.router import Choice, best_effort, no_fit_error, route
 from server.state import StateBackend
@@ -52,6 +56,7 @@ BUDGET_HEADERS = {
     "x-budget-memory-gb": "max_memory_gb",
     "x-slo-ttft-ms": "max_ttft_ms",
     "x-slo-latency-ms": "max_latency_ms",
+    "x-slo-tpot-ms": "max_tpot_ms",
     "x-min-accuracy": "min_accuracy",
     "x-allow-best-effort": "allow_best_effort",
 }
@@ -95,35 +100,59 @@ def route_headers(choice: Choice) -> dict[str, str]:
 class Gateway:
     """The request path: route, send with retries, relay, observe."""
 
-    def __init__(self, family: Family, pool: Pool, metrics: GatewayMetrics, tokenizers: Tokenizers, timeout: float, live: bool):
+    def __init__(self, family: Family, pool: Pool, metrics: GatewayMetrics, tokenizers: Tokenizers, timeout: float, live: bool,
+                 admission: Admission | None = None, affinity: Affinity | None = None, first_token_s: float = FIRST_TOKEN_S):
         self.family, self.pool, self.metrics, self.tokenizers = family, pool, metrics, tokenizers
         # connect: 2 s; sock_read: the longest silence allowed from a worker (also between stream chunks).
         self.timeout = aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0, sock_read=timeout)
         self.live = live
+        self.admission = admission or Admission(metrics)  # worker slots and the priority queue (server.priority)
+        self.affinity = affinity or Affinity(metrics)  # session and prefix affinity (server.affinity)
+        self.first_token_s = first_token_s  # default first-token deadline (server.deadlines)
 
-    def candidates(self, budget: Budget, pinned: str | None, p: dict[str, int], o: int, tried: set[str], first_attempt: bool,
-                   prompt_param: str, grant: Grant = OPEN) -> list[Choice]:
-        result = route(self.family, self.pool, budget, prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, live=self.live,
-                       allowed=grant.members)
-        choices = result.choices
-        if not choices and budget.allow_best_effort:
-            choices = best_effort(self.family, self.pool, result, prompt_tokens=p, max_tokens=o, exclude=tried, live=self.live)
-            choices = [c for c in choices if grant.within(c)]  # best effort never serves past the key's cap
-        if not choices and first_attempt:
-            err = no_fit_error(result, budget, pinned, prompt_param)
-            self.metrics.rejections.labels(err.param or err.code or "none").inc()
-            raise err
-        return choices
+    async def admit(self, budget: Budget, pinned: str | None, p: dict[str, int], o: int, tried: set[str], first_attempt: bool,
+                    prompt_param: str, grant: Grant = OPEN, priority: Priority = "standard", key: AffinityKey | None = None,
+                    ) -> Admitted | None:
+        """Route, then take a worker slot by priority (server.priority); None when nothing is left to try.
+        What fits at the current load comes first (the key's worker first, server.affinity); what fits
+        only at a light load (predicted queueing breaks the budget) is for critical requests to wait
+        for, a 503 for standard ones and a 429 for sheddable ones."""
+        kw = dict(prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, allowed=grant.members, cached=self.affinity.cached(key, p))
+        result = route(self.family, self.pool, budget, live=self.live, **kw)
+        live = self.affinity.prefer(key, result.choices, self.admission.free)
+        light = route(self.family, self.pool, budget, live=False, **kw).choices if self.live and (priority != "standard" or not live) else live
+        if not live and light and priority == "standard":
+            if not budget.allow_best_effort:
+                raise self.admission.refuse(priority, "predicted queueing past the budget on every member that fits it", "predicted_queueing")
+            light = []
+        if not live and not light:
+            if budget.allow_best_effort:
+                live = best_effort(self.family, self.pool, result, prompt_tokens=p, max_tokens=o, exclude=tried, live=self.live)
+                live = [c for c in live if grant.within(c)]  # best effort never serves past the key's cap
+            if not live:
+                if not first_attempt:
+                    return None
+                err = no_fit_error(result, budget, pinned, prompt_param)
+                self.metrics.rejections.labels(err.param or err.code or "none").inc()
+                raise err
+        admitted = await self.admission.admit(priority, live, light, budget, routed=pinned is None)
+        admitted.last_choice = len(live or light) <= 1
+        self.metrics.admitted.labels(priority, admitted.how).inc()
+        self.affinity.remember(key, admitted.choice, p.get(admitted.choice.member.name, 0))
+        return admitted
 
-    def check_budget(self, choice: Choice, budget: Budget, ttft: float | None, e2e: float) -> None:
+    def check_budget(self, choice: Choice, budget: Budget, ttft: float | None, e2e: float, tpot: float | None = None) -> None:
         member = choice.member.name
         if budget.max_ttft_ms is not None and ttft is not None and ttft * 1e3 > budget.max_ttft_ms:
             self.metrics.budget_misses.labels(member, "max_ttft_ms").inc()
         if budget.max_latency_ms is not None and e2e * 1e3 > budget.max_latency_ms:
             self.metrics.budget_misses.labels(member, "max_latency_ms").inc()
+        if budget.max_tpot_ms is not None and tpot is not None and tpot * 1e3 > budget.max_tpot_ms:
+            self.metrics.budget_misses.labels(member, "max_tpot_ms").inc()
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
-                     grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE) -> Response:
+                     grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
+                     priority: Priority = "standard", key: AffinityKey | None = None) -> Response:
         members = [pinned] if pinned else [m.name for m in self.family.servable if grant.members is None or m.name in grant.members]
         p, o = await self.tokenizers.count_async(body, members, chars), body.resolved_max_tokens()
         await ticket.reserve(max(p.values(), default=0) + o)  # 429 over the key's token quota (server.quotas)
@@ -134,11 +163,12 @@ class Gateway:
         tried: set[str] = set()
         first_member: str | None = None
         retry_after: str | None = None  # from the last worker that answered 429
+        stalled: FirstTokenTimeout | None = None  # the last attempt cancelled for no first token
         for attempt in range(MAX_ATTEMPTS):
-            choices = self.candidates(budget, pinned, p, o, tried, attempt == 0, prompt_param, grant)
-            if not choices:
+            admitted = await self.admit(budget, pinned, p, o, tried, attempt == 0, prompt_param, grant, priority, key)
+            if admitted is None:
                 break
-            choice = choices[0]
+            choice = admitted.choice  # its worker slot is taken: released below or by the relay
             trace.attempt(choice)
             first_member = first_member or choice.member.name
             if choice.member.name != first_member:
@@ -148,13 +178,12 @@ class Gateway:
             tried.add(w.name)
             payload["model"] = choice.member.name
             start = time.perf_counter()
-            self._enter(w)
+            deadline = first_token_deadline(budget, choice.predicted, self.first_token_s, admitted.last_choice) if body.stream else None
             released = False
             upstream: aiohttp.ClientResponse | None = None
             try:
-                upstream = await self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(),
-                                                        headers=trace.upstream_headers(w.headers),
-                                                        timeout=self.timeout)
+                upstream = await _by(deadline, start, self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(),
+                                                                             headers=trace.upstream_headers(w.headers), timeout=self.timeout))
                 status = upstream.status
                 if status >= 500 or status == 429:
                     content = await upstream.read()
@@ -171,7 +200,7 @@ class Gateway:
                     return Response(content, status_code=status, media_type="application/json", headers=route_headers(choice))
                 attempts.served()
                 if body.stream:
-                    head, ttft = await self._head(upstream, start)
+                    head, ttft = await _by(deadline, start, self._head(upstream, start))
                     released = True  # the relay owns the connection and the in-flight count from here
                     return StreamingResponse(self._relay(upstream, head, ttft, choice, budget, start, ticket, trace, p.get(choice.member.name, 0)),
                                              media_type="text/event-stream", headers=route_headers(choice))
@@ -182,6 +211,9 @@ class Gateway:
                 if ticket.active:
                     ticket.used(_total_tokens(content) or ticket.reserved)  # no usage reported: the worst case
                 return Response(content, media_type="application/json", headers=route_headers(choice))
+            except FirstTokenTimeout as exc:  # cancelled before any byte reached the client: next choice
+                stalled = exc
+                self._stalled(choice, exc.deadline_s)
             except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
                 self.pool.fail(w, type(exc).__name__)
                 self.metrics.retries.labels(w.name, "connection").inc()
@@ -190,19 +222,25 @@ class Gateway:
                     if upstream is not None:
                         upstream.release()
                     self._leave(w)
+        if stalled is not None:
+            raise no_first_token_error(sorted(tried), stalled.deadline_s)
         if retry_after is not None:
             raise APIError(429, "every worker that fits is at capacity; retry shortly", type="rate_limit_error", code="overloaded",
                            headers={"Retry-After": retry_after})
         said = "".join(f"; {w.name} answered HTTP {status}: {msg}" for w, status, msg in attempts.failed)
         raise APIError(502, f"no upstream worker could serve the request after retries{said}", type="server_error", code="upstream_failed")
 
-    def _enter(self, w: WorkerState) -> None:
-        w.in_flight += 1
-        self.metrics.in_flight.labels(w.name).set(w.in_flight)
-
     def _leave(self, w: WorkerState) -> None:
-        w.in_flight -= 1
-        self.metrics.in_flight.labels(w.name).set(w.in_flight)
+        self.admission.release(w)  # wakes the first waiter (by priority) that can use the slot
+
+    def _stalled(self, choice: Choice, deadline_s: float) -> None:
+        """An attempt with no first token by its deadline: counted, and fed to the worker's observed TTFT
+        ratio (it took at least the deadline) so routing steers away; no cooldown (server.deadlines)."""
+        w = choice.worker
+        self.metrics.deadline_cancels.labels(w.name).inc()
+        pred = choice.predicted
+        if pred is not None and self.live:
+            w.observe(pred.ttft_s / w.ttft_ratio, deadline_s, None, None)
 
     async def _head(self, upstream: aiohttp.ClientResponse, start: float) -> tuple[list[bytes], float | None]:
         """Read up to the first token (or the end), so a worker that fails before it is retried elsewhere."""
@@ -275,12 +313,12 @@ class Gateway:
                 ticket.used(prompt_tokens + chunks)
             if outcome == "ok" and done:
                 pred = choice.predicted
+                tpot = (last - start - ttft) / (chunks - 1) if chunks > 1 and ttft is not None and last is not None else None
                 if pred is not None and ttft is not None and last is not None:
                     base_ttft = pred.ttft_s / w.ttft_ratio if self.live else pred.ttft_s
                     base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
-                    tpot = (last - start - ttft) / (chunks - 1) if chunks > 1 else None
                     w.observe(base_ttft, ttft, base_tpot, tpot)
-                self.check_budget(choice, budget, ttft, e2e)
+                self.check_budget(choice, budget, ttft, e2e, tpot)
 
     def _observe_whole(self, choice: Choice, content: bytes, e2e: float, budget: Budget) -> None:
         w, member = choice.worker, choice.member.name
@@ -297,6 +335,19 @@ class Gateway:
                 observed_tpot = max(0.0, e2e - pred.ttft_s) / (n - 1)
                 w.observe(None, None, base_tpot, observed_tpot)
         self.check_budget(choice, budget, None, e2e)
+
+
+async def _by(deadline_s: float | None, start: float, step):
+    """Await `step` (the upstream call, or reading to the first token) within the attempt's first-token
+    deadline, counted from `start`; FirstTokenTimeout past it. No deadline: just await it."""
+    if deadline_s is None:
+        return await step
+    try:
+        return await asyncio.wait_for(step, max(0.0, deadline_s - (time.perf_counter() - start)))
+    except asyncio.TimeoutError:
+        if time.perf_counter() - start < deadline_s * 0.99:  # the upstream's own timeout, not the deadline
+            raise
+        raise FirstTokenTimeout(deadline_s) from None
 
 
 class _UpstreamEnded(Exception):
@@ -316,10 +367,11 @@ def _total_tokens(content: bytes) -> int | None:
 
 def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None = None, timeout: float = 120.0,
                health_interval: float = 2.0, live: bool = True, limits: Limits | None = None, state_backend: StateBackend | None = None,
-               state_failure: FailurePolicy = "open", tracer_provider=None) -> FastAPI:
+               state_failure: FailurePolicy = "open", tracer_provider=None, policy: RoutingPolicy | None = None) -> FastAPI:
     """The gateway app. `state_backend`: where token quotas live (server.state: Redis shared by replicas, or this
     process's memory by default), with `state_failure` applied when it is unreachable (server.quotas);
-    `tracer_provider`: an OpenTelemetry TracerProvider for one span per request (server.tracing), or None."""
+    `tracer_provider`: an OpenTelemetry TracerProvider for one span per request (server.tracing), or None;
+    `policy`: worker slots, queue waits, affinity and the default first-token deadline (server.priority)."""
     auth = auth or Auth()
     limits = limits or Limits.for_context(max((m.max_model_len for m in family.servable), default=2048))
     metrics = GatewayMetrics()
@@ -334,7 +386,9 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
         pool = Pool(workers, session, metrics, interval=health_interval)
         await pool.start()
-        state["gateway"] = Gateway(family, pool, metrics, tokenizers, timeout, live)
+        p = policy or RoutingPolicy()
+        state["gateway"] = Gateway(family, pool, metrics, tokenizers, timeout, live, admission=p.admission(metrics),
+                                   affinity=Affinity(metrics, p.affinity, p.affinity_max_extra_load), first_token_s=p.first_token_s)
         try:
             yield
         finally:
@@ -379,6 +433,7 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
             grant = grant_for(key, family, pinned)  # 403: a member outside the key's list
             chars = check_prompt_chars(body, limits)  # 400 before tokenizing: cannot fit any member
             budget = grant.narrow(resolve_budget(body.budget, request, key))
+            priority = resolve_priority(body.priority, request, key)  # 400 for a bad x-priority
             on_finish(request.scope, auth.acquire(key))  # 429 over the key's concurrency; freed when the response ends
             ticket = quotas.ticket(key)
         except APIError as exc:
@@ -386,7 +441,8 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
             trace.status(exc.status_code, exc.code)
             raise
         try:
-            response = await state["gateway"].handle(path, body, budget, pinned, grant, chars, ticket=ticket, trace=trace)
+            response = await state["gateway"].handle(path, body, budget, pinned, grant, chars, ticket=ticket, trace=trace,
+                                                     priority=priority, key=affinity_key(body, request))
         except APIError as exc:
             trace.status(exc.status_code, exc.code)
             raise

@@ -8,6 +8,7 @@
         tokens_per_minute: 20000 # token quotas (server.quotas): prompt + completion tokens, reserved before
         tokens_per_day: 2000000  # sending, shared by every replica with --state redis://...
         budget: {max_latency_ms: 3000}              # default budget: a request may override it
+        priority: sheddable      # default priority (critical|standard|sheddable): a request may override it
         members: [smollm2-135m-p80, smollm2-135m-p70]  # the only members it may use (pinned or routed)
         cap: {max_memory_gb: 1.6, max_latency_ms: 5000}  # ceiling: a request is narrowed to it
       - sha256: 9c0a...41
@@ -36,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from family.errors import FamilyError
-from server.protocol import Budget
+from server.protocol import Budget, Priority
 
 log = logging.getLogger("server.keys")
 RELOAD_CHECK_S = 1.0
@@ -70,6 +71,7 @@ class KeySpec(BaseModel):
     tokens_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_day: int | None = Field(default=None, ge=1)
     budget: Budget | None = None
+    priority: Priority | None = None  # default for its requests (server.priority); the request's own wins
     members: list[str] | None = Field(default=None, min_length=1)
     cap: KeyCap | None = None
 

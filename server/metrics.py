@@ -25,6 +25,21 @@ class GatewayMetrics:
         self.strikes = Counter("family_worker_strikes", "HTTP 5xx to a request that another worker then served", ["worker"], registry=r)
         self.refused = Counter("family_refused_requests", "Requests refused at the edge before any work (by error code)", ["code"], registry=r)
         self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker", ["worker"], registry=r)
+        # Issue 12: priorities and admission (server.priority), affinity (server.affinity), deadlines (server.deadlines).
+        self.admitted = Counter("family_admitted", "Requests given a worker slot, by priority and how (free, queued, downshift)",
+                                ["priority", "how"], registry=r)
+        self.downshifts = Counter("family_downshifts", "Sheddable requests moved to a smaller member because the best was saturated",
+                                  ["from_member", "to_member"], registry=r)
+        self.sheds = Counter("family_sheds", "Sheddable requests refused under load (429 with Retry-After), by reason", ["reason"], registry=r)
+        self.overloaded = Counter("family_overloaded", "Critical/standard requests refused under load (503 with Retry-After)",
+                                  ["priority", "reason"], registry=r)
+        self.queued = Gauge("family_queue_waiting", "Requests waiting in the gateway's queue for a worker slot", registry=r)
+        self.queue_wait = Histogram("family_queue_wait_seconds", "Time a request waited for a worker slot", ["priority"], buckets=BUCKETS,
+                                    registry=r)
+        self.affinity = Counter("family_affinity", "Requests with an affinity key: hit (its worker), load_guard (its worker too "
+                                "busy), new (no worker yet), unfit (its worker no longer fits)", ["result"], registry=r)
+        self.deadline_cancels = Counter("family_first_token_deadline_cancels", "Attempts cancelled for no first token by their "
+                                        "deadline (retried on the next choice)", ["worker"], registry=r)
         self.quota = Counter("family_quota_decisions", "Token-quota reservations per key: reserved, over_tokens_per_minute, "
                              "over_daily_tokens, state_unavailable_open, state_unavailable_closed", ["key", "decision"], registry=r)
         self.state_errors = Counter("family_state_errors", "Calls to the shared state store (Redis) that failed", ["op"], registry=r)

@@ -26,6 +26,9 @@ MAX_TOKENS_LIMIT = 2**31 - 1  # a bound for ints the engines store as int32; the
 MAX_STOP_CHARS = 512  # per stop string: matched against the generated text at every step
 MAX_MESSAGES = 2048
 MAX_NAME_CHARS = 256  # model and user ids
+# Who yields under overload (server.priority): critical keeps its member and jumps the gateway's queue,
+# sheddable is downshifted to a smaller member, then refused with Retry-After.
+Priority = Literal["critical", "standard", "sheddable"]
 
 
 class _Lenient(BaseModel):
@@ -39,6 +42,7 @@ class Budget(BaseModel):
     max_memory_gb: float | None = Field(default=None, gt=0)
     max_ttft_ms: float | None = Field(default=None, gt=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
+    max_tpot_ms: float | None = Field(default=None, gt=0, description="time per output token after the first (llm-d's x-slo-tpot-ms)")
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     allow_best_effort: bool = False
 
@@ -71,6 +75,7 @@ class SamplingParams(_Lenient):
     user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (profiling, load tests)
     budget: Budget | None = None
+    priority: Priority | None = None  # this product's; never forwarded (vLLM's own `priority` is an int)
 
     @field_validator("stop")
     @classmethod
@@ -103,10 +108,11 @@ _FORWARDED: dict[type, dict] = {}
 
 
 def _forwarded(cls: type[BaseModel]) -> dict:
-    """The `include` spec of a request class: its declared fields less `budget`; messages as role + content."""
+    """The `include` spec of a request class: its declared fields less the gateway's own (`budget`,
+    `priority`); messages as role + content."""
     spec = _FORWARDED.get(cls)
     if spec is None:
-        spec = {f: True for f in cls.model_fields if f != "budget"}
+        spec = {f: True for f in cls.model_fields if f not in ("budget", "priority")}
         if "messages" in spec:
             spec["messages"] = {"__all__": {"role": True, "content": True}}
         _FORWARDED[cls] = spec

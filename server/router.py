@@ -79,8 +79,12 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
     return f"member {m.name} is unfit: {why}" if why else None
 
 
-def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool) -> LatencyPrediction | None:
+def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0) -> LatencyPrediction | None:
+    """`cached`: prompt tokens this worker likely holds in its prefix cache (server.affinity); only a
+    worker that caches prefixes skips their prefill."""
     concurrency = w.load() + 1 if live else 1
+    if cached and w.spec.prefix_caching:
+        prompt_tokens = max(1, prompt_tokens - cached)
     base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency)
     if base is None or not live:
         return base
@@ -89,7 +93,8 @@ def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: in
 
 
 def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Budget) -> Verdict | None:
-    limits = [("max_ttft_ms", budget.max_ttft_ms, "ttft_s"), ("max_latency_ms", budget.max_latency_ms, "e2e_s")]
+    limits = [("max_ttft_ms", budget.max_ttft_ms, "ttft_s"), ("max_latency_ms", budget.max_latency_ms, "e2e_s"),
+              ("max_tpot_ms", budget.max_tpot_ms, "tpot_s")]
     for name, limit, attr in limits:
         if limit is None:
             continue
@@ -111,9 +116,11 @@ def _tokens(prompt_tokens: PromptTokens, member: str) -> int:
 def route(
     family: Family, pool: Pool, budget: Budget, *, prompt_tokens: PromptTokens, max_tokens: int, pinned: str | None = None,
     exclude: set[str] = frozenset(), live: bool = True, allowed: frozenset[str] | None = None,
+    cached: Mapping[tuple[str, str], int] | None = None,
 ) -> RouteResult:
     """Every (member, worker) that fits, best first, and for the rest why not. O(members × workers).
-    `allowed`: the only members a routed request may reach (its API key's list, server.caps)."""
+    `allowed`: the only members a routed request may reach (its API key's list, server.caps).
+    `cached`: (worker, member) → prompt tokens it likely has cached for this request (server.affinity)."""
     members = [family.registry.member(pinned)] if pinned else [m for m in family.servable if allowed is None or m.name in allowed]
     result = RouteResult(pinned=pinned)
     fits: list[tuple[tuple, float, Choice]] = []
@@ -132,7 +139,7 @@ def route(
         best_verdict = None
         for w in workers:
             verdict = _static_verdict(m, w, budget, p, max_tokens)
-            pred = _predict(m, w, p, max_tokens, live) if verdict is None else None
+            pred = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0)) if verdict is None else None
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
