@@ -6,6 +6,7 @@
     python -m loadtests.reliability fuzz           --family DIR ... [--gateway URL] [--max-examples 20]
     python -m loadtests.reliability corrupt-member --family DIR ...
     python -m loadtests.reliability hostile-input  --family DIR ...
+    python -m loadtests.reliability redis-down     --family DIR ...
     python -m loadtests.reliability all            --family DIR ...
 
 Each scenario is a function returning a result dict ({"scenario", "ok", "checks": {name: bool}, ...}),
@@ -20,9 +21,10 @@ from loadtests.reliability.full_queue import full_queue
 from loadtests.reliability.fuzz import BAD_INPUTS, bad_inputs, fuzz
 from loadtests.reliability.hostile_input import hostile_input
 from loadtests.reliability.kill_worker import kill_worker
+from loadtests.reliability.redis_down import redis_down
 from loadtests.reliability.slow_worker import slow_worker
 
-SCENARIOS = ("kill-worker", "slow-worker", "full-queue", "fuzz", "corrupt-member", "hostile-input")
+SCENARIOS = ("kill-worker", "slow-worker", "full-queue", "fuzz", "corrupt-member", "hostile-input", "redis-down")
 
 __all__ = ["BAD_INPUTS", "SCENARIOS", "Load", "Result", "bad_inputs", "corrupt_member", "flip_byte", "full_queue", "fuzz",
-           "hostile_input", "kill_worker", "one_request", "slow_worker"]
+           "hostile_input", "kill_worker", "one_request", "redis_down", "slow_worker"]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from loadtests import reliability
-from loadtests.reliability import SCENARIOS, corrupt_member, full_queue, fuzz, hostile_input, kill_worker, slow_worker
+from loadtests.reliability import SCENARIOS, corrupt_member, full_queue, fuzz, hostile_input, kill_worker, redis_down, slow_worker
 
 
 def run(name: str, args) -> dict:
@@ -27,6 +27,8 @@ def run(name: str, args) -> dict:
         res = corrupt_member(args.family, args.device_class, out)
     elif name == "hostile-input":
         res = hostile_input(args.family, args.device_class, out, phase_s=args.phase_s)
+    elif name == "redis-down":
+        res = redis_down(args.family, args.device_class, out)
     else:
         raise SystemExit(f"unknown scenario {name!r}")
     res["wall_s"] = round(time.perf_counter() - t0, 1)
