@@ -46,14 +46,15 @@ RUN pip install ".[cpu]" \
  && python -c "import torch, transformers, family, server; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 ARG BUILD_FAMILY=0
-ARG TARGETS=0.9,0.8,0.7
-ARG HEAL_TOKENS=20000
-ARG CALIB_SEQUENCES=64
+# Empty: `family build`'s defaults (family/defaults.py).
+ARG TARGETS=
+ARG HEAL_TOKENS=
+ARG CALIB_SEQUENCES=
 RUN mkdir -p /family /runs \
  && if [ "$BUILD_FAMILY" = "1" ]; then \
       family fetch-base smollm2-135m --out /runs/parent-smollm2-135m \
-      && family build --parent /runs/parent-smollm2-135m --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
-           --calib-sequences "$CALIB_SEQUENCES" --out /family \
+      && family build --parent /runs/parent-smollm2-135m --out /family ${TARGETS:+--targets "$TARGETS"} \
+           ${HEAL_TOKENS:+--heal-tokens "$HEAL_TOKENS"} ${CALIB_SEQUENCES:+--calib-sequences "$CALIB_SEQUENCES"} \
       && family eval --family /family \
       && family profile --family /family --device-class cpu-2core --engine torch --rounds 1 \
       && rm -rf /runs/parent-smollm2-135m; \

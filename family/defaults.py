@@ -26,6 +26,18 @@ WIKITEXT_DIR = SHARED_DATA / "wikitext-2"
 WIKITEXT_VALID = WIKITEXT_DIR / "valid.txt"
 WIKITEXT_TEST = WIKITEXT_DIR / "test.txt"
 
+# Building a family (`family build`, scripts/run_default.sh): the default recipe. plrd's configs and
+# the CLI both read these, so the command and the library agree.
+TARGETS = "0.9,0.8,0.7"
+HEAL_TOKENS = 20_000  # distillation tokens per member
+HEAL_SEQ_LEN = 256
+HEAL_BATCH = 4  # sequences per micro-batch
+HEAL_GRAD_ACCUM = 1  # distillation from a refit start wants many small steps, not few large ones
+HEAL_LR = 1e-4  # 3e-4 made the KL to the parent rise on SmolLM2-135M (0.60 → 1.22 in 4 steps); 1e-4 lowered it
+HEAL_TRAIN = "blocks"
+CALIB_SEQUENCES = 64
+CALIB_SEQ_LEN = 256
+
 # The registry file at the root of a family folder.
 REGISTRY_FILE = "family.json"
 
@@ -51,3 +63,22 @@ SEED = 0
 GATEWAY_PORT = 8000
 WORKER_BASE_PORT = 8100
 MAX_MODEL_LEN = 2048
+
+# Serving memory (issue 11): a member's own need is its weights at the serving dtype plus its KV cache
+# at the worker's batch and context; the runtime (interpreter, torch, thread pools) is recorded apart
+# and, on a host where one engine process serves several members, paid once. The KV cache is counted
+# at this batch (the torch worker's --max-batch) and this context per row (a chat turn: a prompt of a
+# few hundred tokens and DEFAULT_MAX_TOKENS out); `family profile --kv-batch/--kv-context` override it.
+SERVING_BATCH = 16
+KV_CONTEXT = 512
+
+# Device classes never profiled (issue 11): a latency profile is predicted from the device's memory
+# bandwidth and compute (published specs in family/devices.py, or measured by `family profile`) and
+# the member's bytes. Stated assumptions, not measurements: decode reaches this share of the
+# bandwidth, prefill this share of the dense matmul peak. The router corrects each worker's
+# prediction with what it observes, and `family profile` on the device replaces it.
+PREDICTED_BANDWIDTH_EFFICIENCY = 0.5
+PREDICTED_COMPUTE_EFFICIENCY = 0.3
+
+# The STREAM-like bandwidth read (family/bandwidth.py): best of this many passes over the buffer.
+BANDWIDTH_REPEATS = 10

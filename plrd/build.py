@@ -55,8 +55,8 @@ class BuildConfig:
     method: Method = "whitened"
     allocation: Allocation = "allocated"
     init: str = "refit"  # "refit": sequential closed-form refit to the parent; "svd": the truncated SVD alone
-    calib_sequences: int = 64
-    calib_seq_len: int = 256
+    calib_sequences: int = defaults.CALIB_SEQUENCES
+    calib_seq_len: int = defaults.CALIB_SEQ_LEN
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
     runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached

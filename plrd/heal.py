@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from family import defaults
 from family.errors import FamilyError
 from family.lowrank import LowRankLinear
 
@@ -35,13 +36,13 @@ from family.lowrank import LowRankLinear
 @dataclass
 class HealConfig:
     tokens: int  # token budget (sequences × seq_len × steps)
-    seq_len: int = 256
-    batch_size: int = 4  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # distillation from a refit start wants many small steps, not few large ones
-    lr: float = 1e-4  # 3e-4 made the KL to the parent rise on SmolLM2-135M (0.60 → 1.22 in 4 steps); 1e-4 lowered it
+    seq_len: int = defaults.HEAL_SEQ_LEN
+    batch_size: int = defaults.HEAL_BATCH  # sequences per micro-batch (per process)
+    grad_accum: int = defaults.HEAL_GRAD_ACCUM
+    lr: float = defaults.HEAL_LR
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
-    train: str = "blocks"  # "factors": only LowRankLinear factors; "blocks": every decoder-layer parameter; "all": every parameter
+    train: str = defaults.HEAL_TRAIN  # "factors": only LowRankLinear factors; "blocks": every decoder-layer parameter; "all": every parameter
     distill_weight: float = 0.0  # 0 = pure LM loss; 1 = pure KL to the teacher
     temperature: float = 1.0
     hidden_weight: float = 0.0  # with a teacher: weight of the hidden-state MSE (every layer's output, scaled by the teacher's variance)

@@ -11,17 +11,14 @@
 # Every step is resumable / skipped when its result is already there, so running it again just serves.
 # Knobs (environment variables, defaults in brackets):
 #   FAMILY_DIR [runs/family-smollm2-135m]   PARENT_DIR [runs/parent-smollm2-135m]
-#   TARGETS [0.9,0.8,0.7]   HEAL_TOKENS [20000 distillation tokens per member; 0 = no healing]
-#   CALIB_SEQUENCES [64 of 256 tokens]   EVAL_WINDOWS [40, of the shipped held-out text]   PROFILE_ROUNDS [1]   DEVICE_CLASS [cpu-2core]   ENGINE [torch|vllm]
+#   TARGETS, HEAL_TOKENS (0 = no healing), CALIB_SEQUENCES [unset: `family build`'s defaults, family/defaults.py]
+#   EVAL_WINDOWS [40, of the shipped held-out text]   PROFILE_ROUNDS [1]   DEVICE_CLASS [cpu-2core]   ENGINE [torch|vllm]
 #   HOST [127.0.0.1]   PORT [8000]   SKIP_SETUP [0]   REMEASURE [0: keep existing eval/profile records]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FAMILY_DIR=${FAMILY_DIR:-runs/family-smollm2-135m}
 PARENT_DIR=${PARENT_DIR:-runs/parent-smollm2-135m}
-TARGETS=${TARGETS:-0.9,0.8,0.7}
-HEAL_TOKENS=${HEAL_TOKENS:-20000}
-CALIB_SEQUENCES=${CALIB_SEQUENCES:-64}
 EVAL_WINDOWS=${EVAL_WINDOWS:-40}
 PROFILE_ROUNDS=${PROFILE_ROUNDS:-1}
 DEVICE_CLASS=${DEVICE_CLASS:-cpu-2core}
@@ -44,9 +41,9 @@ if [ ! -f "$PARENT_DIR/config.json" ]; then
   family fetch-base smollm2-135m --out "$PARENT_DIR"
 fi
 
-step "build the family: the parent's own corpus, targets $TARGETS, refit, distil $HEAL_TOKENS tokens per member -> $FAMILY_DIR (resumable)"
-family build --parent "$PARENT_DIR" --targets "$TARGETS" --heal-tokens "$HEAL_TOKENS" \
-  --calib-sequences "$CALIB_SEQUENCES" --out "$FAMILY_DIR"
+step "build the family: the parent's own corpus, whitened SVD, refit, distillation from the parent -> $FAMILY_DIR (resumable)"
+family build --parent "$PARENT_DIR" --out "$FAMILY_DIR" ${TARGETS:+--targets "$TARGETS"} \
+  ${HEAL_TOKENS:+--heal-tokens "$HEAL_TOKENS"} ${CALIB_SEQUENCES:+--calib-sequences "$CALIB_SEQUENCES"}
 
 # What is still to measure: members without an agreement figure / without a profile on this device class.
 missing() {
