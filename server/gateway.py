@@ -42,7 +42,7 @@ from server.affinity import Affinity, AffinityKey, affinity_key
 from server.deadlines import DEFAULT_S as FIRST_TOKEN_S, FirstTokenTimeout, first_token_deadline, no_first_token_error
 from server.isolation import Attempts
 from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
-from server.metrics import GatewayMetrics
+from server.metrics import GatewayMetrics, budget_class
 from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
 from server.priority import Admission, Admitted, RoutingPolicy, resolve_priority
 from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Priority, sse
@@ -143,12 +143,12 @@ class Gateway:
 
     def check_budget(self, choice: Choice, budget: Budget, ttft: float | None, e2e: float, tpot: float | None = None) -> None:
         member = choice.member.name
-        if budget.max_ttft_ms is not None and ttft is not None and ttft * 1e3 > budget.max_ttft_ms:
-            self.metrics.budget_misses.labels(member, "max_ttft_ms").inc()
-        if budget.max_latency_ms is not None and e2e * 1e3 > budget.max_latency_ms:
-            self.metrics.budget_misses.labels(member, "max_latency_ms").inc()
-        if budget.max_tpot_ms is not None and tpot is not None and tpot * 1e3 > budget.max_tpot_ms:
-            self.metrics.budget_misses.labels(member, "max_tpot_ms").inc()
+        missed = [name for name, limit, seen in (("max_ttft_ms", budget.max_ttft_ms, ttft), ("max_latency_ms", budget.max_latency_ms, e2e),
+                                                 ("max_tpot_ms", budget.max_tpot_ms, tpot))
+                  if limit is not None and seen is not None and seen * 1e3 > limit]
+        for name in missed:
+            self.metrics.budget_misses.labels(member, name).inc()
+        self.metrics.goodput.labels(budget_class(budget), "missed" if missed else "met").inc()
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
                      grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
@@ -319,6 +319,8 @@ class Gateway:
                     base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
                     w.observe(base_ttft, ttft, base_tpot, tpot)
                 self.check_budget(choice, budget, ttft, e2e, tpot)
+            elif outcome != "ok":  # broke mid-stream (a caller who left is not counted)
+                self.metrics.goodput.labels(budget_class(budget), "failed").inc()
 
     def _observe_whole(self, choice: Choice, content: bytes, e2e: float, budget: Budget) -> None:
         w, member = choice.worker, choice.member.name
@@ -445,6 +447,7 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
                                                      priority=priority, key=affinity_key(body, request))
         except APIError as exc:
             trace.status(exc.status_code, exc.code)
+            metrics.goodput.labels(budget_class(budget), "failed").inc()  # refused or failed after its budget was known
             raise
         trace.status(response.status_code)
         return response

@@ -1,4 +1,7 @@
-"""The gateway's Prometheus metrics (its own registry, so several apps can live in one process)."""
+"""The gateway's Prometheus metrics (its own registry, so several apps can live in one process).
+
+deploy/grafana/dashboards/family-gateway.json charts them (tests/server/test_dashboard.py checks that
+every metric it queries exists here)."""
 
 from __future__ import annotations
 
@@ -43,3 +46,19 @@ class GatewayMetrics:
         self.quota = Counter("family_quota_decisions", "Token-quota reservations per key: reserved, over_tokens_per_minute, "
                              "over_daily_tokens, state_unavailable_open, state_unavailable_closed", ["key", "decision"], registry=r)
         self.state_errors = Counter("family_state_errors", "Calls to the shared state store (Redis) that failed", ["op"], registry=r)
+        self.goodput = Counter("family_goodput_requests", "Requests by budget class (budget_class()) and outcome: met (served within "
+                               "its budget), missed (served past it), failed (not served, or a stream that broke)",
+                               ["budget_class", "outcome"], registry=r)
+
+
+def budget_class(budget) -> str:
+    """A request's budget class for goodput: the kinds of limit it carries, "latency+memory+accuracy" to "none"
+    (at most 8 label values, whatever the limits' numbers)."""
+    kinds = []
+    if budget.max_ttft_ms is not None or budget.max_latency_ms is not None or getattr(budget, "max_tpot_ms", None) is not None:
+        kinds.append("latency")
+    if budget.max_memory_gb is not None:
+        kinds.append("memory")
+    if budget.min_accuracy is not None:
+        kinds.append("accuracy")
+    return "+".join(kinds) or "none"

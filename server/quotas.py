@@ -14,7 +14,7 @@ the quota holds across all replicas, else in this replica's memory.
   and what the worker reports (`usage`; for a stream without `include_usage`, the prompt plus the token
   chunks the gateway relayed) goes back to the windows. A request that no worker served is refunded in
   full.
-- **When the store is unreachable** (Redis down or hung; each call gives up after 0.25 s and the store
+- **When the store is unreachable** (Redis down or hung; each call gives up after 1 s at most and the store
   is not retried for a second): the failure policy applies, `--state-failure open` (default) or `closed`.
   `open` serves the request unreserved (logged, counted in `family_quota_decisions_total{decision=
   "state_unavailable_open"}`); `closed` answers 503 `quota_state_unavailable` with `Retry-After: 1`.

@@ -125,11 +125,12 @@ return 0
 class RedisState:
     """Counters in a real Redis, shared by every replica pointed at it; each call is one atomic script.
 
-    Short timeouts: a Redis that is down or hung must cost a request milliseconds, not seconds, before
-    the failure policy applies. After a failure the store is not tried again for `retry_s` (every
-    request in between gets StateUnavailable at once), then the next request tries it again."""
+    Short timeouts, so the failure policy applies fast: a Redis that is down (connection refused) costs a
+    request about a millisecond, a hung one at most 2 × `timeout_s` (1 s; not less, or a busy 2-core
+    machine times out a healthy Redis). After a failure the store is not tried again for `retry_s`
+    (every request in between gets StateUnavailable at once), then the next request tries it again."""
 
-    def __init__(self, url: str, *, timeout_s: float = 0.25, retry_s: float = 1.0):
+    def __init__(self, url: str, *, timeout_s: float = 0.5, retry_s: float = 1.0):
         import redis.asyncio as redis  # only needed with --state redis://
 
         self._redis_module = redis
