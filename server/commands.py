@@ -107,6 +107,14 @@ def serve(
                                                    "closed (503 quota_state_unavailable)"),
     otel: str = typer.Option("none", envvar="OTEL_TRACES_EXPORTER",
                              help="OpenTelemetry traces, one span per request: none, console, or otlp (OTEL_EXPORTER_OTLP_ENDPOINT)"),
+    worker_slots: int = typer.Option(8, help="requests the gateway sends one worker (per member) at once; past it they wait in the "
+                                             "gateway's priority queue (a fleet entry's max_concurrent overrides it)"),
+    max_queue_wait: float = typer.Option(10.0, help="seconds a request without a latency budget may wait for a worker slot "
+                                                    "(sheddable: 1 s); then 503/429 with Retry-After"),
+    affinity: bool = typer.Option(True, "--affinity/--no-affinity", help="session/user/prefix affinity (x-session-id, user, a long "
+                                                                         "shared prompt prefix) with a load guard"),
+    first_token_timeout: float = typer.Option(30.0, help="default first-token deadline of a streamed attempt, in seconds "
+                                                         "(a budget's max_ttft_ms or max_latency_ms sets a tighter one)"),
 ) -> None:
     """Start the gateway: OpenAI-compatible API routing each request to the member fitting its budget.
 
@@ -126,6 +134,7 @@ def serve(
     from server.fleet import LocalWorkers, load_fleet
     from server.gateway import create_app
     from server.limits import Limits
+    from server.priority import RoutingPolicy
     from server.quotas import FAILURE_POLICIES
     from server.state import open_state
     from server.tracing import tracer_provider
@@ -141,6 +150,9 @@ def serve(
         raise FamilyError(f"--worker-threads must be 0 (one per core) or positive, got {worker_threads}")
     if max_body_bytes < 1024:
         raise FamilyError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    if worker_slots < 1 or max_queue_wait < 0 or first_token_timeout <= 0:
+        raise FamilyError("--worker-slots must be ≥ 1, --max-queue-wait ≥ 0 and --first-token-timeout > 0")
+    policy = RoutingPolicy(worker_slots=worker_slots, max_wait_s=max_queue_wait, affinity=affinity, first_token_s=first_token_timeout)
     auth = Auth.from_file(api_keys, members=set(fam.registry.names()))
     if state_failure not in FAILURE_POLICIES:
         raise FamilyError(f"--state-failure must be open or closed, got {state_failure!r}")
@@ -159,7 +171,7 @@ def serve(
             specs = local.specs
         limits = Limits.for_context(max(m.max_model_len for m in fam.servable), max_body_bytes=max_body_bytes)
         app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval, limits=limits,
-                         state_backend=state_backend, state_failure=state_failure, tracer_provider=provider)
+                         state_backend=state_backend, state_failure=state_failure, tracer_provider=provider, policy=policy)
         typer.echo(f"gateway for family {fam.registry.name} on http://{host}:{port}/v1 ({len(specs)} workers; quota state: "
                    f"{state_backend.url}, fail {state_failure}; traces: {otel})", err=True)
         gc.collect()

@@ -99,7 +99,8 @@ class LocalWorkers:
                 proc = WorkerProcess([family.member_dir(n) for n in group], group, engine, log=log_dir / f"worker-{label}-{engine}.log",
                                      ready_timeout=None, threads=threads if engine == "torch" else None)
                 self.processes.append(proc)
-                self.specs += [WorkerSpec(url=proc.url, member=n, device_class=device_class) for n in group]
+                # vLLM caches prompt prefixes (server.affinity counts a hit in its TTFT); the torch engine does not
+                self.specs += [WorkerSpec(url=proc.url, member=n, device_class=device_class, prefix_caching=engine == "vllm") for n in group]
             for proc in self.processes:
                 proc.wait_ready()
         except BaseException:

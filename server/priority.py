@@ -10,10 +10,11 @@ where the gateway can still choose who goes first, instead of in the worker's, w
   the place of a waiting sheddable request.
 - **standard** takes the first choice with a free slot (the router's order: the most accurate member
   that fits its budget at the current load), else waits behind critical requests.
-- **sheddable**, when its best member is saturated (no free slot, or its predicted queueing breaks the
-  budget there), moves to the *smallest* member that still fits its budget and has a free slot
-  (counted as a downshift); else it waits briefly, last in line and evictable; then it gets a 429 with
-  Retry-After (counted as shed). When no member fits at the current load but one would at a light
+- **sheddable** may fill only half of a worker's slots (at least one): the rest is headroom for the
+  others, since a running request is never preempted. When its best member is saturated (no slot free
+  to it, or its predicted queueing breaks the budget there), it moves to the *smallest* member that
+  still fits its budget, if that has a slot free to it (counted as a downshift); else it waits briefly
+  for either, last in line and evictable; then it gets a 429 with Retry-After (counted as shed). When no member fits at the current load but one would at a light
   load, it is shed at once.
 
 Every wait is bounded (by what is left of the budget's TTFT or latency limit, else `max_wait_s`), and
@@ -44,6 +45,7 @@ HEADER = "x-priority"
 DEFAULT_SLOTS = 8  # per worker: the torch worker's default batch is 16, vLLM-CPU's a few; room to batch, not to queue
 DEFAULT_MAX_WAIT_S = 10.0  # the longest a request without a latency budget waits for a slot
 SHEDDABLE_MAX_WAIT_S = 1.0  # sheddable requests yield sooner
+SHEDDABLE_SHARE = 0.5  # of a worker's slots (at least one): the rest is headroom for critical and standard requests
 DEFAULT_MAX_QUEUE = 256  # waiting requests per gateway replica
 
 
@@ -103,8 +105,11 @@ class Admission:
     def slots(self, w: WorkerState) -> int:
         return w.spec.max_concurrent or self.default_slots
 
-    def free(self, w: WorkerState) -> bool:
-        return w.in_flight < self.slots(w)
+    def free(self, w: WorkerState, priority: Priority = "standard") -> bool:
+        """A slot is free for this priority: sheddable requests may fill only SHEDDABLE_SHARE of a worker's
+        slots, so critical and standard traffic finds headroom there without preempting anyone."""
+        slots = self.slots(w)
+        return w.in_flight < (max(1, int(slots * SHEDDABLE_SHARE)) if priority == "sheddable" else slots)
 
     def take(self, w: WorkerState) -> None:
         w.in_flight += 1
@@ -120,7 +125,7 @@ class Admission:
         for waiter in sorted(self._waiters):
             if waiter.granted.done():
                 continue
-            choice = next((c for c in waiter.choices if c.worker.available() and self.free(c.worker)), None)
+            choice = next((c for c in waiter.choices if c.worker.available() and self.free(c.worker, waiter.priority)), None)
             if choice is not None:
                 self.take(choice.worker)  # reserved now: nobody can take it before the waiter wakes
                 waiter.granted.set_result(choice)
@@ -142,20 +147,27 @@ class Admission:
             raise shed_error("predicted queueing past the budget on every member that fits it")
         best = (light or live)[0].member.name
         on_best = [c for c in live if c.member.name == best]
-        pick = next((c for c in on_best if self.free(c.worker)), None)
+        pick = next((c for c in on_best if self.free(c.worker, priority)), None)
         if pick is not None:
             self.take(pick.worker)
             return Admitted(pick, "free")
-        if routed:  # the best member is saturated: the smallest member that fits and has room
-            for c in sorted(live, key=lambda c: (c.member.parameters, c.worker.load())):
-                if self.free(c.worker):
+        smallest = min(live, key=lambda c: c.member.parameters).member.name if routed else best
+        if smallest != best:  # the best member is saturated: the smallest member that fits, if it has room
+            for c in sorted((c for c in live if c.member.name == smallest), key=lambda c: c.worker.load()):
+                if self.free(c.worker, priority):
                     self.take(c.worker)
                     self.metrics.downshifts.labels(best, c.member.name).inc()
                     return Admitted(replace(c, reason="downshift"), "downshift")  # x-family-route: downshift
-        return await self._free_or_wait(priority, live, budget)
+        # Neither has room: wait briefly for either (never for a member in between: that would not free the best one
+        # and would cost the capacity a downshift is meant to save).
+        admitted = await self._free_or_wait(priority, [c for c in live if c.member.name in (best, smallest)], budget)
+        if admitted.choice.member.name != best:
+            self.metrics.downshifts.labels(best, admitted.choice.member.name).inc()
+            admitted.choice = replace(admitted.choice, reason="downshift")
+        return admitted
 
     async def _free_or_wait(self, priority: Priority, group: list[Choice], budget: Budget) -> Admitted:
-        pick = next((c for c in group if self.free(c.worker)), None)
+        pick = next((c for c in group if self.free(c.worker, priority)), None)
         if pick is not None:
             self.take(pick.worker)
             return Admitted(pick, "free")
@@ -191,10 +203,11 @@ class Admission:
 
     def wait_bound(self, priority: Priority, choice: Choice, budget: Budget) -> float:
         """How long a request may wait for a slot: what its budget leaves after the predicted service
-        (TTFT for a TTFT limit, the whole request for a latency limit), at most the default."""
+        (TTFT for a TTFT limit, the whole request for a latency limit), at most the default. A critical
+        request waits the default whatever its budget: it is never refused on a prediction."""
         bound = self.sheddable_wait_s if priority == "sheddable" else self.max_wait_s
         pred = choice.predicted
-        if pred is not None:
+        if pred is not None and priority != "critical":
             if budget.max_ttft_ms is not None:
                 bound = min(bound, budget.max_ttft_ms / 1e3 - pred.ttft_s)
             if budget.max_latency_ms is not None:

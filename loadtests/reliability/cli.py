@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from loadtests import reliability
-from loadtests.reliability import SCENARIOS, corrupt_member, full_queue, fuzz, hostile_input, kill_worker, redis_down, slow_worker
+from loadtests.reliability import (SCENARIOS, corrupt_member, full_queue, fuzz, hostile_input, kill_worker, priority_overload,
+                                   redis_down, slow_worker, stalled_worker)
 
 
 def run(name: str, args) -> dict:
@@ -29,6 +30,10 @@ def run(name: str, args) -> dict:
         res = hostile_input(args.family, args.device_class, out, phase_s=args.phase_s)
     elif name == "redis-down":
         res = redis_down(args.family, args.device_class, out)
+    elif name == "priority-overload":
+        res = priority_overload(args.family, args.device_class, out, phase_s=args.phase_s)
+    elif name == "stalled-worker":
+        res = stalled_worker(args.family, args.device_class, out)
     else:
         raise SystemExit(f"unknown scenario {name!r}")
     res["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -1,10 +1,11 @@
 """Priority classes and admission control through real HTTP (issue 12, item 1): real torch workers on
-the tiny family behind real slow proxies (so a request holds its worker slot for a known ~6 s), the
+the tiny family behind real slow proxies (so a request holds its worker slot for a known ~12 s), the
 gateway with one slot per worker, static routing (the budget table's member order, no live load)."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from server.auth import Auth
 from server.keys import KeySpec
@@ -13,19 +14,20 @@ from server.protocol import CompletionRequest
 from tests.server.gateway_fixtures import tiny_family  # noqa: F401  (fixture)
 from tests.server.policy_fixtures import W, in_background, metric, policy_fleet, request, wait_until, workers_state
 
-SLOW = {"per_chunk_s": 0.1}  # every streamed line 0.1 s: a 60-token stream holds its slot ~6 s
+SLOW = {"per_chunk_s": 0.2}  # every streamed line 0.2 s: a 60-token stream holds its slot ~12 s (steps take seconds on a busy machine)
 HOLD = {"prompt": "hold", "max_tokens": 60, "ignore_eos": True, "stream": True}
 SHORT = {"model": "tiny", "prompt": "a", "max_tokens": 2}
 ALL = [W("tiny-p100", SLOW), W("tiny-p80", SLOW), W("tiny-p60", SLOW)]
 
 
 def _hold(url: str, model: str, worker: str):
-    """A stream that holds `worker`'s only slot for ~6 s; returns once the gateway counts it."""
+    """A stream that holds `worker`'s only slot for ~12 s; returns once the gateway counts it."""
     t, out = in_background(url, {"model": model, **HOLD})
     wait_until(lambda: workers_state(url)[worker]["in_flight"] >= 1, 10, f"a request in flight on {worker}")
     return t, out
 
 
+@pytest.mark.slow  # ~12 s holds: 25-30 s per test on a busy 2-core machine
 def test_sheddable_downshifts_then_is_shed_with_retry_after_and_critical_keeps_its_member(tiny_family):
     policy = RoutingPolicy(worker_slots=1, sheddable_wait_s=0.3, max_wait_s=8)
     with policy_fleet(tiny_family, ALL, live=False, policy=policy) as (url, _, (p100, p80, p60)):
@@ -58,6 +60,7 @@ def test_sheddable_downshifts_then_is_shed_with_retry_after_and_critical_keeps_i
         assert metric(url, 'family_admitted_total{how="queued",priority="critical"}') == 1
 
 
+@pytest.mark.slow
 def test_critical_takes_the_place_of_a_sheddable_request_waiting_in_the_queue(tiny_family):
     policy = RoutingPolicy(worker_slots=1, sheddable_wait_s=6, max_wait_s=8, max_queue=1)
     with policy_fleet(tiny_family, ALL, live=False, policy=policy) as (url, _, workers):
