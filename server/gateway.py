@@ -155,8 +155,10 @@ class Gateway:
                      priority: Priority = "standard", key: AffinityKey | None = None) -> Response:
         members = [pinned] if pinned else [m.name for m in self.family.servable if grant.members is None or m.name in grant.members]
         p, o = await self.tokenizers.count_async(body, members, chars), body.resolved_max_tokens()
-        await ticket.reserve(max(p.values(), default=0) + o)  # 429 over the key's token quota (server.quotas)
-        trace.set(prompt_tokens=max(p.values(), default=0), max_tokens=o, stream=body.stream, quota_reserved_tokens=ticket.reserved or None)
+        if ticket.enabled:  # 429 over the key's token quota (server.quotas)
+            await ticket.reserve(max(p.values(), default=0) + o)
+        if trace.enabled:
+            trace.set(prompt_tokens=max(p.values(), default=0), max_tokens=o, stream=body.stream, quota_reserved_tokens=ticket.reserved or None)
         prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         payload = body.upstream_payload()
         attempts = Attempts(self.pool, self.metrics)

@@ -119,6 +119,8 @@ class Ticket:
     no worker served it). A usage learned after the end (a stream's relay can finish after its caller
     left) settles the difference then, so no path charges twice or leaks a reservation."""
 
+    enabled = True  # False only for NO_QUOTA: the request path skips the calls (and their cost) entirely
+
     def __init__(self, quotas: Quotas, key: KeySpec):
         self.quotas, self.key = quotas, key
         self.counters: list[Counter] = []
@@ -184,6 +186,8 @@ class Ticket:
 
 class _NoQuota(Ticket):
     """For keys without token quotas (and gateways without keys): every call is free."""
+
+    enabled = False
 
     def __init__(self):
         self.counters, self.reserved, self.charged, self.usage, self.finished = [], 0, 0, None, True

@@ -93,6 +93,8 @@ class Tracing:
 class RequestTrace:
     """One request's span: attributes set as the gateway learns them, ended once when the response is over."""
 
+    enabled = True  # False only for NO_TRACE: the request path skips building attributes for nobody
+
     def __init__(self, span, propagator):
         self.span, self.propagator = span, propagator
         self.attempts = 0
@@ -141,6 +143,8 @@ class RequestTrace:
 
 class _NoTrace(RequestTrace):
     """Tracing off: every call does nothing (the request path pays one method call per hook)."""
+
+    enabled = False
 
     def __init__(self):
         self.attempts, self.ended = 0, True
