@@ -13,6 +13,11 @@ Projections follow a `Layout` (server.layout): the projections reading one input
 are one stacked matmul whose rows are the dense weights of the merged ones and the A factors of the
 factored ones, then each factored one's B; o and down are one matmul dense or two factored. Norms,
 the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
+
+Not compiled: torch.compile (inductor, C++ codegen) of the layer loop took 7 minutes for the 2-layer
+test model on this 2-core machine under load and, with the cache width changing as rows grow, kept
+recompiling (`benchmarks/decode_paths.py --compile`: slower than eager there). Eager with few ops per
+layer is the path; a compiled one would need fixed width buckets and a warm-up per bucket.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ or the matrix is small. Kernels may also prefer ranks that are a multiple of som
 bf16 halves the bytes, yet small bf16 matmuls were measured *slower* than fp32 through torch's
 default CPU path on this project's machine. None of this is predictable from the shapes alone, so
 `plan_layout` times each distinct (in, out, rank) at batch 1 on this machine, in each candidate form
-(dense, factor pair, factor pair at a rank padded up to PAD_MULTIPLE with zeros: exact), keeps the
-fastest, and picks the dtype by timing one decoder layer's projections in each. The choice is
+(dense, factor pair, factor pair at a rank padded up to PAD_MULTIPLE with zeros: exact) with its
+weights read from memory as a decode step reads them (cycling over copies larger than the cache: a
+cache-hot timing favoured whatever computes fastest, not what reads least), keeps the fastest, and
+picks the dtype by timing one decoder layer's projections in each. The choice is
 recorded (`Layout.record()`), served by the worker at /v1/models and /health, and logged.
 """
 
@@ -23,6 +25,8 @@ from torch import nn
 from family.lowrank import PROJECTIONS, LowRankLinear
 
 PAD_MULTIPLE = 16  # candidate rank rounding (zero rows in A, zero columns in B: the same function)
+MARGIN = 0.1  # another form replaces the factor pair as built only when at least this much faster (timings are noisy)
+COLD_BYTES = 64 << 20  # weights cycled per timing: past the last-level cache, as a decode step reads them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,16 +93,11 @@ class Layout:
                 "factored_at_padded_rank": padded, "timings_us": self.timings_us}
 
 
-def _time_us(fn, reps: int = 7, inner: int = 5) -> float:
-    """Fastest of `reps` runs of `inner` calls (the minimum is what a busy shared machine leaves alone)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return best * 1e6
+def _copies(numel: int, dtype: torch.dtype) -> int:
+    """How many copies of a weight set to cycle through so that each call reads it from memory, as a
+    decode step does (one pass over every weight per token), not from a cache that holds it."""
+    size = numel * torch.tensor([], dtype=dtype).element_size()
+    return max(2, min(64, -(-COLD_BYTES // max(1, size))))
 
 
 def _candidates(p: Projection) -> list[Form]:
@@ -111,13 +110,41 @@ def _candidates(p: Projection) -> list[Form]:
     return forms
 
 
-def _time_form(p: Projection, form: Form, dtype: torch.dtype, batch: int = 1) -> float:
+def _runner(p: Projection, form: Form, dtype: torch.dtype, batch: int = 1):
+    """A call of `form` at this shape over enough weight copies to read them from memory; and their count."""
     x = torch.randn(batch, p.in_features, dtype=dtype)
-    if form.kind == "dense":
-        w = torch.randn(p.out_features, p.in_features, dtype=dtype)
-        return _time_us(lambda: F.linear(x, w))
-    a, b = torch.randn(form.rank, p.in_features, dtype=dtype), torch.randn(p.out_features, form.rank, dtype=dtype)
-    return _time_us(lambda: F.linear(F.linear(x, a), b))
+    shapes = [(p.out_features, p.in_features)] if form.kind == "dense" else [(form.rank, p.in_features), (p.out_features, form.rank)]
+    per_copy = sum(o * i for o, i in shapes)
+    n = _copies(per_copy, dtype)
+    buffer = torch.full((n * per_copy,), 0.01, dtype=dtype)  # values do not matter to the kernels; memset is fast
+    copies = []
+    for c in range(n):
+        start, mats = c * per_copy, []
+        for o, i in shapes:
+            mats.append(buffer[start:start + o * i].view(o, i))
+            start += o * i
+        copies.append(mats)
+
+    def run() -> None:
+        for mats in copies:
+            h = x
+            for w in mats:
+                h = F.linear(h, w)
+    return run, n
+
+
+def time_forms(p: Projection, forms: list[Form], dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
+    """µs per call of each form, timed in turns (each sees the same machine weather), fastest of `reps`."""
+    runners = [(f.label(), *_runner(p, f, dtype)) for f in forms]
+    best = {label: float("inf") for label, _, _ in runners}
+    for run, _ in [(r, n) for _, r, n in runners]:
+        run()  # warm-up
+    for _ in range(reps):
+        for label, run, n in runners:
+            t0 = time.perf_counter()
+            run()
+            best[label] = min(best[label], (time.perf_counter() - t0) / n * 1e6)
+    return best
 
 
 def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure") -> Layout:
@@ -138,19 +165,22 @@ def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure
         return Layout(chosen, forms, timings, how=policy)
     if policy != "measure":
         raise ValueError(f"layout policy must be measure, factored or dense, got {policy!r}")
-    best: dict[tuple, Form] = {}
+    best: dict[tuple, str] = {}  # (in, out, rank rounded up to PAD_MULTIPLE) → "dense" | "own" | "padded"
     forms = {}
     for path, p in projections.items():
-        key = (p.in_features, p.out_features, p.rank)
+        options = _candidates(p)
+        if len(options) == 1:
+            forms[path] = options[0]
+            continue
+        key = (p.in_features, p.out_features, -(-p.rank // PAD_MULTIPLE))
         if key not in best:
-            options = _candidates(p)
-            if len(options) == 1:
-                best[key] = options[0]
-            else:
-                times = {f.label(): _time_form(p, f, chosen) for f in options}
-                best[key] = min(options, key=lambda f: times[f.label()])
-                timings[f"{p.in_features}x{p.out_features}@{p.rank}"] = {k: round(v, 1) for k, v in times.items()}
-        forms[path] = best[key]
+            times = time_forms(p, options, chosen)
+            timings[f"{p.in_features}x{p.out_features}@{p.rank}"] = {k: round(v, 1) for k, v in times.items()}
+            built = times[Form("factored", p.rank).label()]  # what was built wins unless another form is clearly faster
+            fastest = min(options, key=lambda f: times[f.label()])
+            pick = fastest if times[fastest.label()] < (1 - MARGIN) * built else Form("factored", p.rank)
+            best[key] = "dense" if pick.kind == "dense" else "own" if pick.rank == p.rank else "padded"
+        forms[path] = {"dense": options[0], "own": options[1]}.get(best[key], options[-1])
     return Layout(chosen, forms, timings)
 
 
@@ -159,6 +189,6 @@ def choose_dtype(layer: list[Projection]) -> tuple[torch.dtype, dict]:
     totals = {}
     for name in ("float32", "bfloat16"):
         dt = DTYPES[name]
-        totals[name] = sum(_time_form(p, Form("dense") if p.rank is None else Form("factored", p.rank), dt) for p in layer)
+        totals[name] = sum(min(time_forms(p, [Form("dense") if p.rank is None else Form("factored", p.rank)], dt).values()) for p in layer)
     pick = min(totals, key=totals.get)
     return DTYPES[pick], {"dtype (one layer, µs)": {k: round(v, 1) for k, v in totals.items()}}
