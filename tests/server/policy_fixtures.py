@@ -110,3 +110,30 @@ def in_background(url: str, body: dict, headers: dict | None = None) -> tuple[th
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
+
+
+class Hold:
+    """A streamed request that holds its worker slot until `release()` (the client closes the stream,
+    as a caller that goes away does), or until it ends by itself. Behind a slow proxy its natural end
+    is far off, so what a test sees does not depend on how busy the machine is."""
+
+    def __init__(self, url: str, body: dict, headers: dict | None = None):
+        self.out = Outcome()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, body, headers or {}), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict, headers: dict) -> None:
+        self.out.start = time.monotonic()
+        with httpx.Client(timeout=120) as c, c.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            self.out.status, self.out.headers = r.status_code, dict(r.headers)
+            for line in r.iter_lines():
+                self.out.done = self.out.done or line == "data: [DONE]"
+                if self._release.is_set():
+                    break
+        self.out.end = time.monotonic()
+
+    def release(self, timeout: float = 30) -> Outcome:
+        self._release.set()
+        self._thread.join(timeout)
+        return self.out

@@ -9,7 +9,7 @@ import pytest
 from loadtests.tinyfamily import build_tiny_family
 from server.priority import RoutingPolicy
 from tests.server.gateway_fixtures import DEVICE
-from tests.server.policy_fixtures import W, in_background, metric, policy_fleet, request, wait_until, workers_state
+from tests.server.policy_fixtures import Hold, W, metric, policy_fleet, request, wait_until, workers_state
 
 # The parent's TTFT grows with the prompt (2 ms a token) and with load (50 ms per request in flight),
 # so the router prefers the idle worker and a cached prefix shows in the prediction.
@@ -19,7 +19,7 @@ LATENCY = {
     "tiny-p80": {"a0": 0.080, "a1": A1, "a2": 0.0, "a3": 0.050, "b0": 0.015, "b1": 0.0, "b2": 0.0},
     "tiny-p60": {"a0": 0.060, "a1": A1, "a2": 0.0, "a3": 0.050, "b0": 0.010, "b1": 0.0, "b2": 0.0},
 }
-HOLD = {"model": "tiny", "prompt": "hold", "max_tokens": 60, "ignore_eos": True, "stream": True}  # ~6 s behind the slow proxy
+HOLD = {"model": "tiny", "prompt": "hold", "max_tokens": 60, "ignore_eos": True, "stream": True}  # held until released
 SHORT = {"model": "tiny", "prompt": "a", "max_tokens": 2}
 PROMPT = "The history of the river begins in the mountains, where snow melts every spring. " * 4  # ~ 70 tokens
 
@@ -35,13 +35,15 @@ def _affinity(url: str, result: str) -> float:
 
 def test_a_session_stays_on_its_worker_under_load_and_moves_past_the_load_guard(family):
     policy = RoutingPolicy(affinity_max_extra_load=2)
-    # x: behind a slow proxy (its streams last ~6 s, which is the load); y: direct. Both idle, x is listed first.
-    with policy_fleet(family, [W("tiny-p100", {"per_chunk_s": 0.1}), W("tiny-p100")], live=True, policy=policy) as (url, _, (x, y)):
+    # x: behind a slow proxy (its streams last until released: the load); y: direct. Both idle, x is listed first.
+    with policy_fleet(family, [W("tiny-p100", {"per_chunk_s": 0.5}), W("tiny-p100")], live=True, policy=policy) as (url, _, (x, y)):
         session = {"x-session-id": "conversation-1"}
         first = request(url, SHORT, headers=session)
         assert first.status == 200 and first.worker == x
-        held = [in_background(url, HOLD, headers=session) for _ in range(2)]  # the session's own streams: on x
-        wait_until(lambda: workers_state(url)[x]["in_flight"] == 2, 10, "two streams on x")
+        held = [Hold(url, HOLD, headers=session)]  # the session's own streams: on x
+        wait_until(lambda: workers_state(url)[x]["in_flight"] == 1, 30, "a stream on x")
+        held.append(Hold(url, HOLD, headers=session))
+        wait_until(lambda: workers_state(url)[x]["in_flight"] == 2, 30, "two streams on x")
         assert workers_state(url)[y]["in_flight"] == 0
 
         # x carries 2 more requests than y: within the guard, the session stays on x ...
@@ -51,16 +53,16 @@ def test_a_session_stays_on_its_worker_under_load_and_moves_past_the_load_guard(
         assert request(url, SHORT).worker == y
         hits = _affinity(url, "hit")
 
-        held.append(in_background(url, HOLD, headers=session))  # a third stream: x at 3, y at 0
-        wait_until(lambda: workers_state(url)[x]["in_flight"] == 3, 10, "three streams on x")
+        held.append(Hold(url, HOLD, headers=session))  # a third stream: x at 3, y at 0
+        wait_until(lambda: workers_state(url)[x]["in_flight"] == 3, 30, "three streams on x")
         r = request(url, SHORT, headers=session)
         assert r.status == 200 and r.worker == y  # past the guard: normal routing
         assert _affinity(url, "load_guard") == 1 and _affinity(url, "hit") == hits + 1
         # The session now lives on y.
         assert request(url, SHORT, headers=session).worker == y
-        for t, out in held:
-            t.join(30)
-            assert out.status == 200 and out.done and out.worker == x
+        for h in held:
+            out = h.release()
+            assert out.status == 200 and out.worker == x
 
 
 def _predicted_ttft(r) -> float:
