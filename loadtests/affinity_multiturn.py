@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import statistics
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--system-words", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("runs/affinity"))
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a `timeout` still stops the workers and gateways it started
     res = affinity_multiturn(args.family, args.member, args.engine, args.device_class, args.out, workers=args.workers,
                              sessions=args.sessions, turns=args.turns, system_words=args.system_words)
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=2))
