@@ -200,18 +200,29 @@ def profile(
     ready_timeout: float = typer.Option(900.0, help="seconds to wait for the worker's /health"),
     threads: int = typer.Option(0, help="torch engine: worker CPU threads (0 = as `family serve` runs them: "
                                         "this machine's cores shared out among the family's members)"),
+    kv_batch: int = typer.Option(defaults.SERVING_BATCH, min=1, help="memory: KV cache rows (the worker's batch)"),
+    kv_context: int = typer.Option(defaults.KV_CONTEXT, min=1, help="memory: KV cache tokens per row (the worker's context)"),
+    runtime_shared_by: int = typer.Option(0, min=0, help="memory: members sharing one runtime on a host "
+                                                        "(0 = every servable member, as one engine process serves them)"),
+    bandwidth: bool = typer.Option(True, help="measure this machine's memory bandwidth (a read of the parent's weights) "
+                                              "and matmul rate, and record them for the device class"),
 ) -> None:
-    """Measure TTFT, time per output token, throughput and peak memory through the serving engine.
+    """Measure TTFT, time per output token, throughput and serving memory through the serving engine.
 
     Each member is served by `family worker --engine E` in a subprocess, measured over HTTP, and
-    stopped; its profile (samples, peak memory, fitted latency model) is saved before the next one.
+    stopped; its memory is measured in parts in a fresh process (runtime, weights at the serving dtype,
+    KV cache per token; family/memory.py); its profile (samples, memory, fitted latency model) is
+    saved before the next one, replacing any prediction for this device class. First, the device
+    class's memory bandwidth is measured (family/bandwidth.py) and recorded in the registry.
     """
     from transformers import AutoTokenizer
 
     from family import latency
+    from family.bandwidth import measure_device, roofline_tok_s
     from family.errors import FamilyError
+    from family.memory import measure_memory
     from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
-    from family.registry import LatencyProfile, load_family
+    from family.registry import LatencyProfile, MemoryBreakdown, load_family
     from plrd.data import read_source, tokenize
 
     if engine not in ("torch", "vllm"):
@@ -230,6 +241,17 @@ def profile(
     text = read_source(defaults.EVAL_TEXT).text[:400_000]
     log_dir = Path(family_dir) / "logs"
     log_dir.mkdir(exist_ok=True)
+    device = None
+    if bandwidth:
+        parent_rec = fam.registry.member(fam.registry.parent)
+        device = measure_device(device_class, parent_rec.weight_bytes(dtype), dtype=dtype, threads=n_threads, command=_command())
+        fam.record_device(device)
+        typer.echo(f"{device_class}: memory bandwidth {device.bandwidth_bytes_s / 1e9:.1f} GB/s (best of {device.repeats} reads "
+                   f"of {device.buffer_bytes / 1e9:.2f} GB, {device.threads} threads), matmul {device.matmul_flops / 1e9:.0f} GFLOP/s "
+                   f"{dtype}; the parent's roofline {roofline_tok_s(device.bandwidth_bytes_s, parent_rec.weight_bytes(dtype)):.1f} tok/s")
+    shared_by = runtime_shared_by or len(fam.servable)
+    typer.echo(f"measuring serving memory of {len(names)} member(s) in a fresh process (runtime, weights, KV per token)")
+    probe = measure_memory([fam.member_dir(n) for n in names], dtype, n_threads)
     for n in names:
         tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
         text_ids = tokenize(tok, text).tolist()
@@ -238,17 +260,24 @@ def profile(
         with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, threads=n_threads) as worker:
             samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
             peak = worker.peak_rss
+        mine = probe.members[str(fam.member_dir(n))]
+        memory = MemoryBreakdown(dtype=dtype, weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
+                                 kv_batch=kv_batch, kv_context=kv_context, runtime_bytes=probe.runtime_bytes,
+                                 runtime_shared_by=shared_by, worker_peak_rss_bytes=peak)
         coef = latency.fit(samples)
         prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, samples=samples, peak_memory_bytes=peak,
-                              latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
+                              memory=memory, latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
         fam.record(n, latency=prof)  # after each member, merged under a lock: an interrupted profile loses nothing
         one = [s for s in samples if s.concurrency == 1] or samples
         ttft_ms = 1e3 * min(s.ttft_s for s in one)
         tok_s = len(one) / sum(s.tpot_s for s in one)
         err = prof.fit_error
-        typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}, "
-                   f"peak {peak / 1e9:.2f} GB; latency model error on these samples: TTFT {err['ttft']:.0%}, "
-                   f"TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
+        roof = f" ({tok_s / roofline_tok_s(device.bandwidth_bytes_s, memory.weights_bytes):.0%} of its roofline)" if device else ""
+        typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}{roof}; "
+                   f"memory: weights {memory.weights_bytes / 1e9:.3f} GB + KV {memory.kv_cache_bytes / 1e9:.3f} GB "
+                   f"({kv_batch}x{kv_context} tokens) = {memory.member_bytes / 1e9:.3f} GB, runtime {probe.runtime_bytes / 1e9:.2f} GB "
+                   f"shared by {shared_by}, worker peak RSS {peak / 1e9:.2f} GB; latency model error on these samples: "
+                   f"TTFT {err['ttft']:.0%}, TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
 
 
 def _relative_ppl(member, parent) -> float | None:
@@ -260,51 +289,122 @@ def _relative_ppl(member, parent) -> float | None:
     return mine.value / same[-1].value if same and same[-1].value else None
 
 
-def show(family_dir: Path = FamilyOpt, full: bool = typer.Option(False, help="verify with sha256 (default: size + mtime)")) -> None:
-    """The family as a table: size, chat and held-out accuracy, latency per device class, and whether
-    routed traffic may reach each member (unfit members answer only when named)."""
+def _c1_figures(prof, prompt_tokens: int = 32) -> tuple[float | None, float | None]:
+    """(TTFT ms, tok/s) at concurrency 1: from a measured profile's samples (shortest prompt; 1/TPOT),
+    from a predicted profile's latency law (a `prompt_tokens` prompt)."""
+    from family.latency import predict
+
+    if prof is None:
+        return None, None
+    one = [s for s in prof.samples if s.concurrency == 1]
+    if one:
+        return 1e3 * min(s.ttft_s for s in one), len(one) / sum(s.tpot_s for s in one)
+    if prof.latency_model:
+        pred = predict(prof.latency_model, prompt_tokens, 2, 1)
+        return 1e3 * pred.ttft_s, 1.0 / pred.tpot_s if pred.tpot_s > 0 else None
+    return None, None
+
+
+def show(
+    family_dir: Path = FamilyOpt,
+    full: bool = typer.Option(False, help="verify with sha256 (default: size + mtime)"),
+    device_class: list[str] = typer.Option(None, help="also show these device classes (e.g. h100 from a fleet file): "
+                                                      "figures predicted from the device's bandwidth where never profiled"),
+) -> None:
+    """The family as tables: size, chat and held-out accuracy, latency and memory per device class (measured,
+    or predicted from the device's bandwidth: marked ~), whether routed traffic may reach each member
+    (unfit members answer only when named), each member's serving memory in parts, and each device
+    class's bandwidth with the parent's decode speed as a fraction of its roofline."""
     from rich.console import Console
     from rich.table import Table
 
+    from family.bandwidth import roofline_tok_s
+    from family.devices import device_record
     from family.registry import load_family
 
     fam = load_family(family_dir, verify="full" if full else "fast")
-    policy, unfit = fam.registry.fitness, fam.unfit
+    policy, unfit, devices = fam.registry.fitness, fam.unfit, fam.registry.devices
     parent = next((m for m in fam.registry.members if m.name == fam.registry.parent), None)
-    classes = sorted({dc for m in fam.registry.members for dc in m.latency})
+    classes = sorted({dc for m in fam.registry.members for dc in m.latency} | set(devices) | set(device_class or []))
     table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})",
                   caption="chat agree: top-1 agreement with the parent's greedy answers on held-out chat prompts (what min_accuracy "
                           "filters on); chat KL: KL(parent‖member) on those answers, nats/token; degenerate: share of held-out chat "
                           "answers that are degenerate; ppl: held-out text perplexity; ppl/parent: over the parent's on the same text; "
                           f"unfit (never routed to): degenerate > {policy.max_degenerate:.0%} or chat agree < {policy.min_chat_agreement:g}; "
-                          "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; peak GB: worker RSS")
+                          "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; mem GB: the member's own need, "
+                          "weights + KV cache (what max_memory_gb compares; the runtime is shared, see below); "
+                          "~ = predicted from the device's bandwidth and the member's bytes, never measured")
     for col in ("member", "params (M)", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent"):
         table.add_column(col, justify="right" if col != "member" else "left")
     for dc in classes:
         table.add_column(f"TTFT ms {dc}", justify="right")
         table.add_column(f"tok/s {dc}", justify="right")
-        table.add_column(f"peak GB {dc}", justify="right")
+        table.add_column(f"mem GB {dc}", justify="right")
     table.add_column("status")
 
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
+    def fmt(v, spec, mark=""):
+        return "-" if v is None else mark + format(v, spec)
 
     for m in fam.registry.members:
         row = [m.name, f"{m.parameters / 1e6:.1f}", f"{m.bytes['float32'] / 1e9:.3f}", f"{m.bytes['bfloat16'] / 1e9:.3f}",
                fmt(m.quality, ".3f"), fmt(m.metric("chat_kl"), ".4f"), fmt(m.metric("degenerate_answers"), ".0%"),
                fmt(m.metric("perplexity"), ".2f"), fmt(_relative_ppl(m, parent), ".2f")]
         for dc in classes:
-            prof = m.latency.get(dc)
-            one = [s for s in (prof.samples if prof else []) if s.concurrency == 1]
-            row += [fmt(1e3 * min(s.ttft_s for s in one) if one else None, ".0f"),
-                    fmt(len(one) / sum(s.tpot_s for s in one) if one else None, ".1f"),
-                    fmt(prof.peak_memory_bytes / 1e9 if prof and prof.peak_memory_bytes else None, ".2f")]
+            prof = m.profile(dc, devices)
+            mark = "~" if prof is not None and prof.basis == "predicted" else ""
+            ttft, tok_s = _c1_figures(prof)
+            mem = prof.memory if prof is not None else None
+            row += [fmt(ttft, ".0f", mark), fmt(tok_s, ".1f", mark),
+                    fmt(mem.member_bytes / 1e9 if mem else None, ".3f", "~" if mem and mem.basis == "predicted" else "")]
         if m.name in fam.problems:
             row.append(f"problem: {fam.problems[m.name]}")
         else:
             row.append(f"unfit: {unfit[m.name]}" if m.name in unfit else "ok")
         table.add_row(*row)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+
+    memory = Table(title="serving memory per device class (GB)",
+                   caption="need = weights at the serving dtype + KV cache at the worker's batch x context (what max_memory_gb "
+                           "compares); runtime: the engine process without a model, paid once per host and divided among the members "
+                           "it serves; serving = need + runtime share; worker RSS: the whole worker process while profiled (reference); "
+                           "need/parent vs params/parent: the target is need/parent <= 1.1 x params/parent; ~ = predicted")
+    for col in ("member", "device class", "dtype", "weights", "KV cache", "batch x ctx", "need", "runtime (shared by)",
+                "serving", "worker RSS", "params/parent", "need/parent"):
+        memory.add_column(col, justify="left" if col in ("member", "device class") else "right")
+    for dc in classes:
+        parent_mem = parent.profile(dc, devices).memory if parent is not None and parent.profile(dc, devices) else None
+        for m in fam.registry.members:
+            prof = m.profile(dc, devices)
+            mem = prof.memory if prof is not None else None
+            if mem is None:
+                continue
+            mark = "~" if mem.basis == "predicted" else ""
+            runtime = f"{mem.runtime_bytes / 1e9:.2f} (/{mem.runtime_shared_by})" if mem.runtime_bytes else "-"
+            ratio = fmt(mem.member_bytes / parent_mem.member_bytes if parent_mem else None, ".3f", mark)
+            memory.add_row(m.name, dc, mem.dtype, f"{mark}{mem.weights_bytes / 1e9:.3f}", f"{mark}{mem.kv_cache_bytes / 1e9:.3f}",
+                           f"{mem.kv_batch}x{mem.kv_context}", f"{mark}{mem.member_bytes / 1e9:.3f}", runtime,
+                           f"{mark}{mem.serving_bytes / 1e9:.3f}", fmt(mem.worker_peak_rss_bytes / 1e9 if mem.worker_peak_rss_bytes else None, ".2f"),
+                           f"{m.parameters / parent.parameters:.3f}" if parent else "-", ratio)
+    if memory.row_count:
+        console.print(memory)
+
+    bw = Table(title="device classes: the bandwidth limit",
+               caption="roofline = bandwidth / the parent's weight bytes at the device's dtype (batch 1: every weight read once per token); "
+                       "parent tok/s: measured at concurrency 1 (1/TPOT); published: the maker's datasheet figure")
+    for col in ("device class", "basis", "bandwidth GB/s", "matmul GFLOP/s", "dtype", "parent roofline tok/s", "parent tok/s", "of roofline", "source"):
+        bw.add_column(col, justify="left" if col in ("device class", "basis", "source") else "right")
+    for dc in classes:
+        dev = device_record(dc, devices)
+        if dev is None:
+            continue
+        roof = roofline_tok_s(dev.bandwidth_bytes_s, parent.weight_bytes(dev.dtype)) if parent else None
+        measured = parent.latency.get(dc) if parent else None
+        _, tok_s = _c1_figures(measured) if measured else (None, None)
+        bw.add_row(dc, dev.basis, f"{dev.bandwidth_bytes_s / 1e9:.1f}", fmt(dev.matmul_flops / 1e9 if dev.matmul_flops else None, ".0f"),
+                   dev.dtype, fmt(roof, ".1f"), fmt(tok_s, ".1f"), fmt(tok_s / roof if tok_s and roof else None, ".2f"), dev.source[:60])
+    if bw.row_count:
+        console.print(bw)
 
 
 def plot(

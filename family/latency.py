@@ -71,9 +71,12 @@ def predict(coef: dict[str, float], prompt_tokens: int, output_tokens: int, conc
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0.0, o - 1))
 
 
-def predict_latency(record, device_class: str, prompt_tokens: int, output_tokens: int, concurrency: float = 1) -> LatencyPrediction | None:
-    """The registry's prediction for a member on a device class, or None where it was never profiled."""
-    profile = record.latency.get(device_class)
+def predict_latency(record, device_class: str, prompt_tokens: int, output_tokens: int, concurrency: float = 1,
+                    devices: dict | None = None) -> LatencyPrediction | None:
+    """The registry's prediction for a member on a device class: from its measured profile there, else
+    from a profile predicted from the device's bandwidth (`record.profile`: the registry's measured
+    `devices`, else the published table); None on a device class that is neither."""
+    profile = record.profile(device_class, devices)
     if profile is None or not profile.latency_model:
         return None
     return predict(profile.latency_model, prompt_tokens, output_tokens, concurrency)

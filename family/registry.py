@@ -9,10 +9,13 @@ What the gateway and the tools code against:
 - `load_family(root, verify=...) -> Family` (`.registry`, `.problems`, `.servable`, `.member_dir(name)`),
   `read_registry`, `save_registry`, `sync_family`, `member_name`, `parent_name`;
 - `MemberRecord.quality` (chat agreement with the parent; the parent is 1.0), `.metric("perplexity")`,
-  `memory_bytes(record, device_class, dtype)`, `members_fitting(family, device_class=..., ...)`;
+  `memory_bytes(record, device_class, dtype)` (weights + KV cache: the member's own need),
+  `MemberRecord.profile(device_class, devices)` (measured, else `basis: predicted` from the device's
+  bandwidth, family/devices.py), `members_fitting(family, device_class=..., ...)`;
+- device classes: `FamilyRegistry.devices` (measured bandwidth), `Family.record_device(DeviceRecord)`;
 - fitness: `FamilyRegistry.fitness` (a `FitnessPolicy`), `MemberRecord.unfit_reason(policy)`,
   `Family.unfit` (servable members kept from routed traffic, with why), `Family.set_fitness(policy)`;
-- `family.latency.predict_latency(record, device_class, prompt_tokens, output_tokens, concurrency)`;
+- `family.latency.predict_latency(record, device_class, prompt_tokens, output_tokens, concurrency, devices)`;
 - `Family.record(name, accuracy=..., latency=...)`: add measurements under a lock, merged with what
   other processes saved meanwhile (`sync_family` takes the same lock).
 """
@@ -81,15 +84,86 @@ class LatencySample(_Model):
     throughput_tok_s: float
 
 
-class LatencyProfile(_Model):
-    """Everything measured about one member on one device class, through the engine that serves it."""
+class DeviceRecord(_Model):
+    """What bounds a device class: its memory bandwidth (decode reads every weight once per step) and its
+    dense matmul rate (prefill), measured on the machine (`family profile`, benchmarks/bandwidth.py) or
+    published by its maker (family/devices.py, with the datasheet in `source`)."""
 
     device_class: str
-    engine: str  # "vllm" | "torch"
+    bandwidth_bytes_s: float = Field(gt=0)
+    matmul_flops: float | None = Field(default=None, gt=0)  # dense matmul, at `dtype`
+    dtype: str = "float32"  # the serving dtype these figures are for
+    basis: Literal["measured", "published"] = "measured"
+    buffer_bytes: int | None = None  # measured: bytes read per pass (the parent's weights)
+    repeats: int | None = None  # measured: best of this many passes
+    kernel: str | None = None  # measured: the read that reached it (family/bandwidth.py)
+    threads: int | None = None  # measured: torch threads
+    source: str = ""  # the command that measured it, or the datasheet
+    measured_at: str = Field(default_factory=now_iso)
+
+
+class MemoryBreakdown(_Model):
+    """A member's serving memory on one device class, in parts, and which figure is which.
+
+    `member_bytes` (weights + KV cache) is the member's own need: what `max_memory_gb` compares. The
+    runtime (interpreter, torch, thread pools: most of a small worker's RSS) is the same for every
+    member and, where one engine process serves several members, paid once per host; it is recorded
+    apart with the number of members sharing it, and `serving_bytes` adds that share.
+    """
+
+    basis: Literal["measured", "predicted"] = "measured"
+    dtype: str  # serving dtype of the weights and the KV cache
+    weights_bytes: int  # the loaded model's tensors (unique storages: tied embeddings once)
+    kv_bytes_per_token: int  # keys + values of every layer for one token
+    kv_batch: int  # rows the worker decodes together
+    kv_context: int  # tokens of context per row
+    runtime_bytes: int | None = None  # RSS of the engine's runtime with no model loaded
+    runtime_shared_by: int = Field(default=1, ge=1)  # members served by one runtime on this host
+    worker_peak_rss_bytes: int | None = None  # the whole worker process tree while profiled (reference only)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.kv_batch * self.kv_context
+
+    @property
+    def member_bytes(self) -> int:
+        """Weights + KV cache: what this member adds to a host, and what `max_memory_gb` selects by."""
+        return self.weights_bytes + self.kv_cache_bytes
+
+    @property
+    def runtime_share_bytes(self) -> int:
+        return (self.runtime_bytes or 0) // self.runtime_shared_by
+
+    @property
+    def serving_bytes(self) -> int:
+        """The member's need plus its share of the runtime."""
+        return self.member_bytes + self.runtime_share_bytes
+
+
+class PredictionBasis(_Model):
+    """How a predicted profile was made: from which device figures, at which stated efficiencies."""
+
+    device: DeviceRecord
+    bandwidth_efficiency: float
+    compute_efficiency: float
+    weight_bytes: int  # read once per decode step
+    kv_bytes_per_token: int
+    flops_per_token: float  # prefill: 2 × parameters
+
+
+class LatencyProfile(_Model):
+    """Everything measured about one member on one device class, through the engine that serves it; or,
+    where nobody has profiled it yet, predicted from the device's bandwidth (`basis: predicted`)."""
+
+    device_class: str
+    engine: str  # "vllm" | "torch" | "predicted"
+    basis: Literal["measured", "predicted"] = "measured"
     dtype: str = "float32"
     threads: int | None = None  # torch engine: CPU threads of the worker (None: the engine's default)
     samples: list[LatencySample] = Field(default_factory=list)
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # the worker process tree's peak RSS (runtime included; not routed on)
+    memory: MemoryBreakdown | None = None  # the member's serving memory, in parts
+    prediction: PredictionBasis | None = None  # basis "predicted": what it was predicted from
     latency_model: dict[str, float] | None = None  # coefficients fitted by family.latency
     fit_error: dict[str, float] | None = None  # the model's mean relative error on these samples (ttft, tpot, e2e)
     command: str = ""
@@ -122,6 +196,7 @@ class MemberRecord(_Model):
     parameters: int
     bytes: dict[str, int]  # weight bytes at each serving dtype
     max_model_len: int = defaults.MAX_MODEL_LEN
+    kv_values_per_token: int | None = None  # 2 × layers × KV heads × head dim (from config.json)
     files: dict[str, FileRecord]
     provenance: dict = Field(default_factory=dict)
     accuracy: list[AccuracyRecord] = Field(default_factory=list)
@@ -164,14 +239,32 @@ class MemberRecord(_Model):
             reasons.append(f"chat agreement {agreement:.3f} < {policy.min_chat_agreement:g}")
         return "; ".join(reasons) or None
 
-    def memory_bytes(self, device_class: str | None = None, dtype: str = "float32") -> int:
-        """Peak memory measured while serving on `device_class`, else the weights' bytes at `dtype`."""
-        profile = self.latency.get(device_class) if device_class else None
-        if profile is not None and profile.peak_memory_bytes:
-            return profile.peak_memory_bytes
+    def profile(self, device_class: str, devices: dict[str, DeviceRecord] | None = None) -> LatencyProfile | None:
+        """The profile the router uses on `device_class`: the measured one when `family profile` ran there,
+        else one predicted from the device's bandwidth (`devices`: the registry's measured device
+        records; else the published table of family/devices.py), else None (an unknown device)."""
+        measured = self.latency.get(device_class)
+        if measured is not None:
+            return measured
+        from family.devices import predict_profile
+
+        return predict_profile(self, device_class, devices)
+
+    def weight_bytes(self, dtype: str = "float32") -> int:
         if dtype not in self.bytes and dtype in DTYPE_BYTES:
             return self.parameters * DTYPE_BYTES[dtype]
         return self.bytes.get(dtype, self.bytes["float32"])
+
+    def memory_bytes(self, device_class: str | None = None, dtype: str = "float32",
+                     devices: dict[str, DeviceRecord] | None = None) -> int:
+        """The member's own serving need on `device_class` (weights + KV cache, `MemoryBreakdown.member_bytes`):
+        measured by `family profile`, else predicted for a known device class; else (an older profile
+        without a breakdown, or no device class) its weights' bytes at the profile's dtype or `dtype`.
+        Never the worker's whole RSS, which is mostly the runtime every member shares."""
+        profile = self.profile(device_class, devices) if device_class else None
+        if profile is not None and profile.memory is not None:
+            return profile.memory.member_bytes
+        return self.weight_bytes(profile.dtype if profile is not None else dtype)
 
 
 class FamilyRegistry(_Model):
@@ -180,6 +273,7 @@ class FamilyRegistry(_Model):
     parent: str  # name of the parent member
     members: list[MemberRecord] = Field(default_factory=list)
     fitness: FitnessPolicy = Field(default_factory=FitnessPolicy)  # absent in older files: the defaults
+    devices: dict[str, DeviceRecord] = Field(default_factory=dict)  # measured device classes (bandwidth)
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
 
@@ -245,6 +339,14 @@ class Family:
             save_registry(self.root, fresh)
             self.registry = fresh
 
+    def record_device(self, device: DeviceRecord) -> None:
+        """Store a device class's measured bandwidth (and matmul rate), merged under the registry lock."""
+        with registry_lock(self.root):
+            fresh = read_registry(self.root)
+            fresh.devices[device.device_class] = device.model_copy(deep=True)
+            save_registry(self.root, fresh)
+            self.registry = fresh
+
     def set_fitness(self, policy: FitnessPolicy) -> None:
         """Store the family's fitness policy, merged under the same lock as `record` (measurements that
         another process saved meanwhile are kept); the in-memory registry becomes the merged one.
@@ -278,6 +380,16 @@ def _count_parameters(member_dir: Path) -> int:
     return total
 
 
+def kv_values_per_token(config: dict) -> int | None:
+    """Keys and values cached per token, all layers: 2 × layers × KV heads × head dim (Llama configs)."""
+    try:
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        return 2 * int(config["num_hidden_layers"]) * int(config.get("num_key_value_heads") or heads) * head_dim
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
 def describe_member(family_root: Path, member_dir: Path, *, name: str, is_parent: bool = False) -> MemberRecord:
     """Measure a member folder: parameters, bytes per dtype, ranks, checksums, provenance."""
     member_dir = Path(member_dir)
@@ -305,6 +417,7 @@ def describe_member(family_root: Path, member_dir: Path, *, name: str, is_parent
         parameters=params,
         bytes={dtype: params * size for dtype, size in DTYPE_BYTES.items()},
         max_model_len=min(int(config.get("max_position_embeddings", defaults.MAX_MODEL_LEN)), defaults.MAX_MODEL_LEN),
+        kv_values_per_token=kv_values_per_token(config),
         files={
             f.name: FileRecord(sha256=sha256_file(f), size=f.stat().st_size, mtime_ns=f.stat().st_mtime_ns)
             for f in files
@@ -445,10 +558,11 @@ def _sync_locked(family_root: Path, parent_dir: Path, family_name: str | None) -
 # --- what the gateway asks of the registry ---------------------------------------------------------
 
 
-def memory_bytes(record: MemberRecord, device_class: str | None = None, dtype: str = "float32") -> int:
-    """Memory a member needs: the peak measured while serving on `device_class` when profiled there,
-    else its weights' bytes at `dtype` (a lower bound: no activations, no KV cache)."""
-    return record.memory_bytes(device_class, dtype)
+def memory_bytes(record: MemberRecord, device_class: str | None = None, dtype: str = "float32",
+                 devices: dict[str, DeviceRecord] | None = None) -> int:
+    """Memory a member needs on `device_class`: weights + KV cache, measured there or predicted for a
+    known device class, else its weights' bytes at `dtype` (see `MemberRecord.memory_bytes`)."""
+    return record.memory_bytes(device_class, dtype, devices)
 
 
 def _rank_key(m: MemberRecord) -> tuple:
@@ -472,9 +586,10 @@ def members_fitting(
 ) -> list[MemberRecord]:
     """The members whose registry figures meet every given limit, best first.
 
-    A static filter: memory is `memory_bytes(m, device_class)` (GB = 1e9 bytes); latency is the fitted
-    model of `device_class` at `concurrency` for a request of `prompt_tokens` in and `output_tokens`
-    out (a member never profiled there fits only when no latency limit is given); accuracy is
+    A static filter: memory is `memory_bytes(m, device_class)` (GB = 1e9 bytes: the member's weights +
+    KV cache); latency is the fitted model of `device_class` at `concurrency` for a request of
+    `prompt_tokens` in and `output_tokens` out, predicted from the device's bandwidth where it was never
+    profiled (a member on an unknown device fits only when no latency limit is given); accuracy is
     `m.quality` (an unmeasured member fits only without `min_accuracy`); the context needed is
     `context_tokens`, else prompt + output, and must not exceed the member's max_model_len. With a
     `Family`, only servable members (verified files) are considered; members unfit under the family's
@@ -485,7 +600,8 @@ def members_fitting(
     from family.latency import predict_latency
 
     members = family.servable if isinstance(family, Family) else list(family.members)
-    policy = family.registry.fitness if isinstance(family, Family) else family.fitness
+    registry = family.registry if isinstance(family, Family) else family
+    policy, devices = registry.fitness, registry.devices
     need = context_tokens if context_tokens is not None else prompt_tokens + output_tokens
     fits = []
     for m in members:
@@ -493,12 +609,12 @@ def members_fitting(
             continue
         if not include_unfit and m.unfit_reason(policy):
             continue
-        if max_memory_gb is not None and m.memory_bytes(device_class) / 1e9 > max_memory_gb:
+        if max_memory_gb is not None and m.memory_bytes(device_class, devices=devices) / 1e9 > max_memory_gb:
             continue
         if min_accuracy is not None and (m.quality is None or m.quality < min_accuracy):
             continue
         if max_ttft_ms is not None or max_latency_ms is not None:
-            pred = predict_latency(m, device_class, prompt_tokens, output_tokens, concurrency)
+            pred = predict_latency(m, device_class, prompt_tokens, output_tokens, concurrency, devices)
             if pred is None:
                 continue
             if max_ttft_ms is not None and pred.ttft_s * 1e3 > max_ttft_ms:

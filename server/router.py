@@ -8,8 +8,11 @@ member that is unfit under the family's fitness policy (degenerate chat answers,
 the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
 warning on its Choice. For each of its available workers, latency is predicted from the
 registry's latency model for that device class, at the worker's current load, and scaled by what
-the gateway has observed of that worker (EWMA of observed/predicted). A member with no latency
-profile on a device class fits only budgets without latency limits. Among what fits, the winner is
+the gateway has observed of that worker (EWMA of observed/predicted). On a device class where the
+member was never profiled, the model is predicted from the device's bandwidth and the member's bytes
+(family/devices.py, marked `predicted`) until `family profile` measures it; a member on a device class
+the registry knows nothing about fits only budgets without latency limits. Memory is the member's
+own need (weights + KV cache), measured or predicted likewise. Among what fits, the winner is
 the highest quality, then the lower perplexity, then the smaller member; its worker is the one with
 the lowest predicted latency. `live=False` ignores load and observations: the static-table baseline.
 """
@@ -57,12 +60,13 @@ def _rank_key(m: MemberRecord) -> tuple:
     return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
 
 
-def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_tokens: int, max_tokens: int) -> Verdict | None:
+def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_tokens: int, max_tokens: int,
+                    devices: dict | None = None) -> Verdict | None:
     need = prompt_tokens + max_tokens
     if need > m.max_model_len:
         return Verdict(m.name, "context_length", f"{need} tokens > max_model_len {m.max_model_len}", need / m.max_model_len - 1)
     if budget.max_memory_gb is not None:
-        gb = m.memory_bytes(w.spec.device_class) / 1e9
+        gb = m.memory_bytes(w.spec.device_class, devices=devices) / 1e9
         if gb > budget.max_memory_gb:
             return Verdict(m.name, "max_memory_gb", f"needs {gb:.2f} GB > {budget.max_memory_gb} GB", gb / budget.max_memory_gb - 1)
     if budget.min_accuracy is not None:
@@ -79,13 +83,14 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
     return f"member {m.name} is unfit: {why}" if why else None
 
 
-def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0) -> LatencyPrediction | None:
+def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0,
+             devices: dict | None = None) -> LatencyPrediction | None:
     """`cached`: prompt tokens this worker likely holds in its prefix cache (server.affinity); only a
     worker that caches prefixes skips their prefill."""
     concurrency = w.load() + 1 if live else 1
     if cached and w.spec.prefix_caching:
         prompt_tokens = max(1, prompt_tokens - cached)
-    base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency)
+    base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency, devices)  # measured, else predicted
     if base is None or not live:
         return base
     ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
@@ -99,7 +104,7 @@ def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Bu
         if limit is None:
             continue
         if pred is None:
-            return Verdict(m.name, name, "latency never profiled on this device class", 1.0)
+            return Verdict(m.name, name, "no latency profile, measured or predicted, on this device class", 1.0)
         ms = getattr(pred, attr) * 1e3
         if ms > limit:
             return Verdict(m.name, name, f"predicted {ms:.0f} ms > {limit:.0f} ms", ms / limit - 1)
@@ -138,8 +143,8 @@ def route(
         p = _tokens(prompt_tokens, m.name)
         best_verdict = None
         for w in workers:
-            verdict = _static_verdict(m, w, budget, p, max_tokens)
-            pred = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0)) if verdict is None else None
+            verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
+            pred = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices) if verdict is None else None
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
@@ -167,7 +172,8 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            out.append(Choice(m, w, _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live), "best_effort", warning))
+            pred = _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live, devices=family.registry.devices)
+            out.append(Choice(m, w, pred, "best_effort", warning))
     return out
 
 

@@ -73,4 +73,6 @@ def test_predict_latency_reads_the_members_profile():
     m.latency["cpu"].latency_model = TRUTH
     pred = latency.predict_latency(m, "cpu", 32, 16, concurrency=4)
     assert pred == latency.predict(TRUTH, 32, 16, 4)
-    assert latency.predict_latency(m, "h100", 32, 16) is None
+    assert latency.predict_latency(m, "gpu-x", 32, 16) is None  # a device class nobody knows
+    # a known device class never profiled: predicted from its bandwidth (tests/family/test_predicted.py)
+    assert m.profile("h100").basis == "predicted" and latency.predict_latency(m, "h100", 32, 16).tpot_s > 0

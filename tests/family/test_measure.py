@@ -51,8 +51,15 @@ def test_profile_stores_samples_memory_and_a_fitted_model(measured):
     assert prof.peak_memory_bytes > 50e6  # a Python process with torch loaded
     assert set(prof.latency_model) == set(latency.TTFT_TERMS + latency.TPOT_TERMS)
     fam = load_family(measured)
-    assert fam.registry.member("tiny-p60").memory_bytes("test-cpu") == prof.peak_memory_bytes
-    assert fam.registry.member("tiny-p60").memory_bytes("other") == fam.registry.member("tiny-p60").bytes["float32"]
+    p60 = fam.registry.member("tiny-p60")
+    mem = prof.memory  # in parts: the member's own need is weights + KV cache, the runtime is shared
+    assert mem.basis == "measured" and mem.worker_peak_rss_bytes == prof.peak_memory_bytes
+    assert 0 <= mem.weights_bytes - p60.bytes["float32"] < 1024 and mem.kv_bytes_per_token == 4 * p60.kv_values_per_token
+    assert mem.runtime_bytes > 50e6 and mem.runtime_shared_by == 3  # one engine process for the family's 3 members
+    assert p60.memory_bytes("test-cpu") == mem.member_bytes < prof.peak_memory_bytes
+    assert p60.memory_bytes("other") == p60.bytes["float32"]  # an unknown device class: the weights
+    dev = fam.registry.devices["test-cpu"]  # the bandwidth read over the parent's weights, recorded
+    assert dev.basis == "measured" and dev.buffer_bytes == fam.registry.member("tiny-p100").bytes["float32"]
 
 
 def test_show_prints_every_member_and_plot_writes_a_png(measured, tmp_path):

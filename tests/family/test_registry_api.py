@@ -24,6 +24,7 @@ from family.registry import (
     FamilyRegistry,
     LatencyProfile,
     LatencySample,
+    MemoryBreakdown,
     load_family,
     member_name,
     members_fitting,
@@ -193,12 +194,18 @@ def measured(tiny_family):
     p60.accuracy += [AccuracyRecord(metric="perplexity", value=30.0, data="x"),
                      AccuracyRecord(metric="chat_agreement", value=0.5, data="x"),
                      AccuracyRecord(metric="chat_agreement", value=0.7, data="x")]  # the newest counts
-    # parent: 0.4 s to first token, 50 ms/token, 2 GB peak; p60: 0.1 s, 20 ms/token, 1 GB.
+    # parent: 0.4 s to first token, 50 ms/token, needs 2 GB; p60: 0.1 s, 20 ms/token, 1 GB (weights +
+    # KV cache), both in workers of 3 GB RSS (the runtime, which does not count).
     zero = {"a1": 0.0, "a2": 0.0, "a3": 0.0, "b1": 0.0, "b2": 0.0}
-    p100.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", peak_memory_bytes=2_000_000_000,
-                                         latency_model={"a0": 0.4, "b0": 0.05, **zero})
-    p60.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", peak_memory_bytes=1_000_000_000,
-                                        latency_model={"a0": 0.1, "b0": 0.02, **zero})
+
+    def need(weights: int) -> MemoryBreakdown:
+        return MemoryBreakdown(dtype="float32", weights_bytes=weights, kv_bytes_per_token=1000, kv_batch=10, kv_context=50_000,
+                               runtime_bytes=1_000_000_000, worker_peak_rss_bytes=3_000_000_000)
+
+    p100.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", peak_memory_bytes=3_000_000_000,
+                                         memory=need(1_500_000_000), latency_model={"a0": 0.4, "b0": 0.05, **zero})
+    p60.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", peak_memory_bytes=3_000_000_000,
+                                        memory=need(500_000_000), latency_model={"a0": 0.1, "b0": 0.02, **zero})
     fam.save()
     return load_family(tiny_family)
 
@@ -207,8 +214,9 @@ def test_quality_and_memory_bytes(measured):
     p100, p60 = measured.registry.member("tiny-p100"), measured.registry.member("tiny-p60")
     assert p100.quality == 1.0 and p60.quality == 0.7
     assert p60.metric("perplexity") == 30.0 and p60.metric("lm_eval:boolq") is None
-    assert memory_bytes(p60, "cpu") == 1_000_000_000  # measured peak
-    assert memory_bytes(p60, "h100") == p60.bytes["float32"] == memory_bytes(p60)  # never profiled there: weights
+    assert memory_bytes(p60, "cpu") == 1_000_000_000  # measured need: weights + KV cache, not the worker's RSS
+    assert memory_bytes(p60, "gpu-x") == p60.bytes["float32"] == memory_bytes(p60)  # an unknown device class: weights
+    assert memory_bytes(p60, "h100") == p60.profile("h100").memory.member_bytes  # never profiled there: predicted
     assert memory_bytes(p60, None, "bfloat16") == 2 * p60.parameters
 
 
@@ -225,9 +233,11 @@ def test_members_fitting_applies_each_limit(measured):
     assert names(max_latency_ms=1000, prompt_tokens=8, output_tokens=11) == ["tiny-p100", "tiny-p60"]
     assert names(context_tokens=10**6) == []
     assert names(prompt_tokens=2000, output_tokens=2000) == []  # beyond max_model_len
-    # never profiled on a device class: fits only budgets without latency limits
-    assert [m.name for m in members_fitting(measured, device_class="h100")] == ["tiny-p100", "tiny-p60"]
-    assert members_fitting(measured, device_class="h100", max_ttft_ms=10_000) == []
+    # on a device class the registry knows nothing about: fits only budgets without latency limits
+    assert [m.name for m in members_fitting(measured, device_class="gpu-x")] == ["tiny-p100", "tiny-p60"]
+    assert members_fitting(measured, device_class="gpu-x", max_ttft_ms=10_000) == []
+    # never profiled on a known device class: predicted from its bandwidth (tests/family/test_predicted.py)
+    assert [m.name for m in members_fitting(measured, device_class="h100", max_ttft_ms=10_000)] == ["tiny-p100", "tiny-p60"]
     # unmeasured accuracy fits only budgets without an accuracy floor
     measured.registry.member("tiny-p60").accuracy.clear()
     assert names(min_accuracy=0.1) == ["tiny-p100"]

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from family.registry import AccuracyRecord, Family, FamilyRegistry, FitnessPolicy, LatencyProfile, MemberRecord
+from family import defaults
+from family.devices import PUBLISHED
+from family.latency import predict_latency
+from family.registry import AccuracyRecord, DeviceRecord, Family, FamilyRegistry, FitnessPolicy, LatencyProfile, MemberRecord, MemoryBreakdown
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
 from server.pool import Pool
@@ -20,16 +23,20 @@ GB = 10**9
 
 
 def _member(name: str, params: int, quality: float | None, ttft: float | None, tpot: float = 0.01, *, ppl: float = 20.0,
-            peak_gb: float | None = None, max_len: int = 2048, is_parent: bool = False) -> MemberRecord:
+            need_gb: float | None = None, max_len: int = 2048, is_parent: bool = False) -> MemberRecord:
     m = MemberRecord(name=name, path=name, architecture="LlamaForCausalLM", is_parent=is_parent, parameters=params,
-                     bytes={"float32": params * 4}, max_model_len=max_len, files={})
+                     bytes={"float32": params * 4}, max_model_len=max_len, files={}, kv_values_per_token=2 * 24 * 8 * 128)
     if quality is not None and not is_parent:
         m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=quality, data="test"))
     m.accuracy.append(AccuracyRecord(metric="perplexity", value=ppl, data="test"))
     if ttft is not None:
         coef = {"a0": ttft, "a1": 0.0, "a2": 0.0, "a3": 0.05, "b0": tpot, "b1": 0.0, "b2": 0.0}  # a3: +50 ms per queued request
-        m.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", latency_model=coef,
-                                          peak_memory_bytes=int(peak_gb * GB) if peak_gb else None)
+        # need_gb: the measured need (weights at bf16 + KV cache); the worker's RSS adds a 3 GB runtime that does not count
+        memory = MemoryBreakdown(dtype="bfloat16", weights_bytes=params * 2, kv_bytes_per_token=1000, kv_batch=1,
+                                 kv_context=int(need_gb * GB) // 1000 - params * 2 // 1000, runtime_bytes=3 * GB,
+                                 worker_peak_rss_bytes=int((need_gb + 3) * GB)) if need_gb else None
+        m.latency["cpu"] = LatencyProfile(device_class="cpu", engine="torch", latency_model=coef, memory=memory,
+                                          peak_memory_bytes=memory.worker_peak_rss_bytes if memory else None)
     return m
 
 
@@ -37,15 +44,15 @@ def _member(name: str, params: int, quality: float | None, ttft: float | None, t
 def family() -> Family:
     members = [
         _member("f-p100", 1_000_000_000, 1.0, ttft=0.400, tpot=0.040, ppl=20, is_parent=True),  # 4 GB of fp32 weights
-        _member("f-p80", 800_000_000, 0.9, ttft=0.150, tpot=0.020, ppl=24, peak_gb=2.5),  # measured peak overrides bytes
+        _member("f-p80", 800_000_000, 0.9, ttft=0.150, tpot=0.020, ppl=24, need_gb=2.5),  # measured need overrides bytes
         _member("f-p60", 600_000_000, 0.7, ttft=0.030, tpot=0.005, ppl=35),
         _member("f-p40", 400_000_000, 0.5, ttft=None, ppl=80, max_len=64),  # never profiled, short context
     ]
     return Family(Path("/nonexistent"), FamilyRegistry(name="f", parent="f-p100", members=members), problems={})
 
 
-def _pool(members_workers: dict[str, int]) -> Pool:
-    specs = [WorkerSpec(url=f"http://127.0.0.1:{9000 + i * 10 + k}", member=m, device_class="cpu")
+def _pool(members_workers: dict[str, int], device_class: str = "cpu") -> Pool:
+    specs = [WorkerSpec(url=f"http://127.0.0.1:{9000 + i * 10 + k}", member=m, device_class=device_class)
              for i, (m, n) in enumerate(members_workers.items()) for k in range(n)]
     pool = Pool(specs, None, GatewayMetrics())
     for w in pool.workers:
@@ -69,7 +76,7 @@ def _best(family, pool, budget: dict, prompt=10, out=8, **kw) -> str | None:
     ({"max_latency_ms": 300}, "f-p80"),
     ({"max_latency_ms": 100}, "f-p60"),
     ({"max_latency_ms": 10}, None),
-    ({"max_memory_gb": 3.0}, "f-p80"),  # p100 needs 4 GB (weights), p80 2.5 GB (its measured peak)
+    ({"max_memory_gb": 3.0}, "f-p80"),  # p100 needs 4 GB (weights), p80 2.5 GB (its measured need, not its 5.5 GB worker)
     ({"max_memory_gb": 2.45}, "f-p60"),  # p60: 2.4 GB of weights
     ({"max_memory_gb": 2.0}, "f-p40"),  # p40: 1.6 GB
     ({"max_memory_gb": 1.0}, None),
@@ -86,9 +93,48 @@ def test_an_unprofiled_member_fits_only_budgets_without_latency_limits(family):
     assert _best(family, pool, {}) == "f-p40"
     result = route(family, pool, Budget(max_ttft_ms=10_000), prompt_tokens=10, max_tokens=8)
     (verdict,) = [v for v in result.refused if v.member == "f-p40"]
-    assert not result.choices and verdict.constraint == "max_ttft_ms" and "never profiled" in verdict.detail
+    assert not result.choices and verdict.constraint == "max_ttft_ms" and "no latency profile" in verdict.detail
     # ... unless the caller allows best effort.
     assert best_effort(family, pool, result, prompt_tokens=10, max_tokens=8)[0].member.name == "f-p40"
+
+
+# --- device classes never profiled: predicted from bandwidth and bytes (issue 11) -------------------
+
+
+def test_an_h100_worker_is_routed_on_predictions_before_anyone_profiled_it(family):
+    """The fleet lists h100 workers; every member was profiled on cpu only. Latency budgets still route,
+    on the predicted law, the smaller member predicted faster; the worker's observations correct it."""
+    pool = _pool({"f-p100": 1, "f-p60": 1}, device_class="h100")
+    r = route(family, pool, Budget(max_latency_ms=60_000), prompt_tokens=10, max_tokens=8)
+    assert [c.member.name for c in r.choices] == ["f-p100", "f-p60"]
+    for c in r.choices:
+        assert c.predicted == predict_latency(c.member, "h100", 10, 8, 1)
+        assert c.member.profile("h100").basis == "predicted"
+    p100, p60 = (c.predicted for c in r.choices)
+    assert p60.tpot_s < p100.tpot_s and p100.e2e_s < 0.1  # bf16 bytes at half of 3.35 TB/s: milliseconds
+    # a budget between the two predictions picks the member predicted within it
+    assert _best(family, pool, {"max_latency_ms": 1e3 * (p100.e2e_s + p60.e2e_s) / 2}) == "f-p60"
+    # memory there: the predicted need (bf16 weights + KV at the default batch and context)
+    need = family.registry.member("f-p100").memory_bytes("h100")
+    assert need == 2 * 1_000_000_000 + 2 * (2 * 24 * 8 * 128) * defaults.SERVING_BATCH * defaults.KV_CONTEXT
+    assert _best(family, pool, {"max_memory_gb": need / GB - 0.01}) == "f-p60"
+    # observed 4x slower than predicted: corrected, as for measured profiles
+    (w,) = pool.for_member("f-p60")
+    for _ in range(10):
+        w.observe(p60.ttft_s, 4 * p60.ttft_s, p60.tpot_s, 4 * p60.tpot_s)  # predicted, observed
+    again = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p60").choices[0].predicted
+    assert again.tpot_s == pytest.approx(4 * p60.tpot_s, rel=0.1)
+
+
+def test_a_measured_device_record_predicts_for_a_class_with_no_datasheet(family):
+    pool = _pool({"f-p60": 1}, device_class="cpu-big")
+    assert not route(family, pool, Budget(max_latency_ms=10_000), prompt_tokens=10, max_tokens=8).choices
+    family.registry.devices["cpu-big"] = DeviceRecord(device_class="cpu-big", bandwidth_bytes_s=100e9, matmul_flops=1e12)
+    (choice,) = route(family, pool, Budget(max_latency_ms=10_000), prompt_tokens=10, max_tokens=8).choices
+    weights = 4 * 600_000_000  # fp32: the measured record's dtype
+    assert choice.predicted.tpot_s == pytest.approx(weights / (100e9 * defaults.PREDICTED_BANDWIDTH_EFFICIENCY)
+                                                   + (10 + 8 / 2) * 4 * 2 * 24 * 8 * 128 / (100e9 * defaults.PREDICTED_BANDWIDTH_EFFICIENCY))
+    assert "cpu-big" not in PUBLISHED
 
 
 def test_context_length_uses_each_members_prompt_count_and_is_never_best_effort(family):
