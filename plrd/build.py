@@ -53,7 +53,7 @@ class BuildConfig:
     name: str | None  # None: from the parent's folder name (see `default_family_name`)
     heal: HealConfig
     method: Method = "whitened"
-    allocation: Allocation = "allocated"
+    allocation: Allocation = defaults.ALLOCATION
     init: str = "refit"  # "refit": sequential closed-form refit to the parent; "svd": the truncated SVD alone
     calib_sequences: int = defaults.CALIB_SEQUENCES
     calib_seq_len: int = defaults.CALIB_SEQ_LEN

@@ -37,7 +37,7 @@ def build(
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
-    allocation: str = typer.Option("allocated", help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
+    allocation: str = typer.Option(defaults.ALLOCATION, help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(defaults.CALIB_SEQUENCES, help="calibration sequences"),
     calib_seq_len: int = typer.Option(defaults.CALIB_SEQ_LEN, help="calibration sequence length"),
