@@ -12,7 +12,16 @@ The load generator is a raw asyncio HTTP/1.1 client on keep-alive connections (s
 small and equal for both paths). At each rate R it sends Poisson arrivals at 2R, alternating direct
 and through-gateway requests, so each path gets R req/s and both see the same machine state (this
 machine is shared). Latency runs from writing a request to reading its last byte. The table shows
-both paths side by side and the difference: what the gateway adds.
+both paths side by side and the difference: what the gateway adds, and the gateway process's CPU time
+per request it served (user + system, from /proc): on a machine shared with other jobs the wall-clock
+figures move with their load, the CPU time much less.
+
+`--features all` turns on what issue 12 added to the request path, as a production key would use it:
+an API key (keys file) with token quotas per minute and per day (reserved and settled per request in
+the in-memory state store), an explicit priority (`x-priority`), a session id (`x-session-id`: affinity
+lookups and updates, a few sessions in turn), and `--stream` makes requests streamed (the only ones a
+first-token deadline applies to; the stub then answers with server-sent events). Tracing stays at its
+default, off. `--features none` (the default) measures the bare routed path.
 """
 
 from __future__ import annotations
@@ -42,6 +51,11 @@ COMPLETION = {
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
 }
+STREAM = (b'data: {"id":"chatcmpl-stub","object":"chat.completion.chunk","created":0,"model":"stub","choices":[{"index":0,'
+          b'"delta":{"role":"assistant","content":"ok"},"finish_reason":null}]}\n\n'
+          b'data: {"id":"chatcmpl-stub","object":"chat.completion.chunk","created":0,"model":"stub","choices":[{"index":0,'
+          b'"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":1,"total_tokens":9}}\n\n'
+          b'data: [DONE]\n\n')
 METRICS = b'vllm:num_requests_running{model_name="stub"} 0.0\nvllm:num_requests_waiting{model_name="stub"} 0.0\n'
 
 
@@ -68,12 +82,16 @@ class _StubProtocol(asyncio.Protocol):
                     length = int(v)
             if len(self.buf) < end + 4 + length:
                 return
+            content = self.buf[end + 4:end + 4 + length]
+            stream = b'"stream":true' in content or b'"stream": true' in content
             self.buf = self.buf[end + 4 + length:]
             path = head.split(" ", 2)[1]
             if path == "/metrics":
                 body, kind = METRICS, b"text/plain"
             elif path == "/health":
                 body, kind = b'{"status":"ok"}', b"application/json"
+            elif stream:
+                body, kind = STREAM, b"text/event-stream"
             else:
                 body, kind = json.dumps(COMPLETION).encode(), b"application/json"
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: "
@@ -92,11 +110,15 @@ async def _run_stub(ports: list[int]) -> None:
 class Client:
     """Raw HTTP/1.1 POSTs over a pool of keep-alive connections to one host:port."""
 
-    def __init__(self, port: int):
-        self.port, self.idle = port, []
+    def __init__(self, port: int, headers: list[dict[str, str]] | None = None):
+        """`headers`: extra request headers, one set per request in turn (e.g. a few session ids)."""
+        self.port, self.idle, self.sent = port, [], 0
+        self.extra = ["".join(f"{k}: {v}\r\n" for k, v in h.items()) for h in headers or [{}]]
 
     async def post(self, path: str, body: bytes) -> float:
-        req = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        extra = self.extra[self.sent % len(self.extra)]
+        self.sent += 1
+        req = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{extra}"
                f"content-length: {len(body)}\r\n\r\n").encode() + body
         while True:
             reused = bool(self.idle)
@@ -110,8 +132,12 @@ class Client:
                 writer.close()
                 if not reused or exc.partial:
                     raise
-        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-        content = await reader.readexactly(length)
+        lines = [line.lower() for line in head.split(b"\r\n")]
+        if b"transfer-encoding: chunked" in lines:  # a streamed answer: read to the last (empty) chunk
+            content = await reader.readuntil(b"0\r\n\r\n")
+        else:
+            length = int(next(line.split(b":", 1)[1] for line in lines if line.startswith(b"content-length")))
+            content = await reader.readexactly(length)
         elapsed = time.perf_counter() - t0
         self.idle.append((reader, writer))
         if not head.startswith(b"HTTP/1.1 200"):
@@ -148,6 +174,12 @@ async def open_loop(targets: list[tuple[Client, str, bytes]], rate: float, secon
         k += 1
     await asyncio.gather(*tasks)
     return [(lat, err[0]) for lat, err in results]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -192,19 +224,43 @@ def _use_uvloop() -> None:
         pass
 
 
-async def _measure(name: str, stub_port: int, gw_port: int, args) -> list[dict]:
+BENCH_KEY = "sk-bench-gateway-overhead"
+SESSIONS = 8  # session ids sent in turn with --features all
+
+
+def gateway_headers(features: str) -> list[dict[str, str]]:
+    if features == "none":
+        return [{}]
+    return [{"authorization": f"Bearer {BENCH_KEY}", "x-priority": "standard", "x-session-id": f"bench-session-{i}"}
+            for i in range(SESSIONS)]
+
+
+def keys_file(path: Path) -> Path:
+    """One key with token quotas far above what the benchmark spends (reserved and settled, never refused)."""
+    from server.keys import hash_key
+
+    path.write_text(f"keys:\n  - sha256: {hash_key(BENCH_KEY)}\n    name: bench\n    tokens_per_minute: 1000000000\n"
+                    f"    tokens_per_day: 100000000000\n")
+    return path
+
+
+async def _measure(name: str, stub_port: int, gw_port: int, gw_pid: int, args) -> list[dict]:
     messages = [{"role": "user", "content": "Say hello to the family gateway benchmark."}]
-    routed = json.dumps({"model": name, "messages": messages, "max_tokens": 16,
+    extra = {"stream": True} if args.stream else {}
+    routed = json.dumps({"model": name, "messages": messages, "max_tokens": 16, **extra,
                          "budget": {"max_latency_ms": 500}}).encode()  # routes to bench-p60 (p100 would take 1 s)
-    direct = json.dumps({"model": f"{name}-p60", "messages": messages, "max_tokens": 16}).encode()
+    direct = json.dumps({"model": f"{name}-p60", "messages": messages, "max_tokens": 16, **extra}).encode()
     path = "/v1/chat/completions"
-    d_client, g_client = Client(stub_port), Client(gw_port)
+    d_client, g_client = Client(stub_port), Client(gw_port, gateway_headers(args.features))
     targets = [(d_client, path, direct), (g_client, path, routed)]
     await open_loop(targets, 100, args.warmup / 100, seed=1)  # warm connections and caches
     rows = []
     for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+        cpu0 = cpu_seconds(gw_pid)
         (d, d_err), (g, g_err) = await open_loop(targets, rate, args.seconds, seed=100 + i)
+        cpu = cpu_seconds(gw_pid) - cpu0
         row = {"rate": rate, "n": len(d) + len(g), "errors": d_err + g_err,
+               "gateway_cpu_ms": cpu / max(1, len(g) + g_err) * 1e3,
                "direct_p50_ms": pct(d, 0.5) * 1e3, "direct_p99_ms": pct(d, 0.99) * 1e3,
                "gateway_p50_ms": pct(g, 0.5) * 1e3, "gateway_p99_ms": pct(g, 0.99) * 1e3}
         row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
@@ -223,6 +279,9 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=0,
                     help="raise this process tree's priority by N (needs root): shields the measurement from other "
                          "CPU-bound jobs on a shared machine; 0 measures as is")
+    ap.add_argument("--features", choices=("none", "all"), default="none",
+                    help="all: an API key with token quotas, x-priority and x-session-id (affinity) on every gateway request")
+    ap.add_argument("--stream", action="store_true", help="streamed requests (first-token deadlines apply to these only)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--stub", help=argparse.SUPPRESS)  # internal: run the stub upstream on these ports
     args = ap.parse_args()
@@ -245,27 +304,31 @@ def main() -> None:
             f"  - url: http://127.0.0.1:{stub_port}\n    member: {name}-p60\n    device_class: {DEVICE}\n"
         )
         procs = [subprocess.Popen([sys.executable, __file__, "--stub", f"{stub_port},{other_port}"])]
+        keys = ["--api-keys", str(keys_file(tmp / "keys.yaml"))] if args.features == "all" else []
         procs.append(subprocess.Popen([sys.executable, "-m", "family.cli", "serve", "--family", str(tmp / "family"),
-                                       "--fleet", str(tmp / "fleet.yaml"), "--port", str(gw_port)], cwd=ROOT))
+                                       "--fleet", str(tmp / "fleet.yaml"), "--port", str(gw_port), *keys], cwd=ROOT))
         try:
             wait_healthy(f"http://127.0.0.1:{stub_port}", 120)
             wait_healthy(f"http://127.0.0.1:{gw_port}", 120)
-            rows = asyncio.run(_measure(name, stub_port, gw_port, args))
+            rows = asyncio.run(_measure(name, stub_port, gw_port, procs[1].pid, args))
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(timeout=10)
     load = (load_before, os.getloadavg()[0])
     print(f"\n{command}\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, loopback, stub upstream, "
-          f"1-min load average {load[0]:.1f} before / {load[1]:.1f} after, priority +{args.nice}\n")
-    print("| req/s per path | requests | errors | direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms | added p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"1-min load average {load[0]:.1f} before / {load[1]:.1f} after, priority +{args.nice}, features {args.features}, "
+          f"{'streamed' if args.stream else 'whole'} responses\n")
+    print("| req/s per path | requests | errors | direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms | added p99 ms "
+          "| gateway CPU ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rate']:.0f} | {r['n']} | {r['errors']} | {r['direct_p50_ms']:.3f} | {r['gateway_p50_ms']:.3f} | {r['added_p50_ms']:.3f} | "
-              f"{r['direct_p99_ms']:.3f} | {r['gateway_p99_ms']:.3f} | {r['added_p99_ms']:.3f} |")
+              f"{r['direct_p99_ms']:.3f} | {r['gateway_p99_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['gateway_cpu_ms']:.3f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "load_average": load, "nice": args.nice, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"command": command, "load_average": load, "nice": args.nice, "features": args.features,
+                                         "stream": args.stream, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,10 +80,12 @@ def budget_from_headers(request: Request) -> Budget | None:
 
 def resolve_budget(body_budget: Budget | None, request: Request, key: KeySpec | None) -> Budget:
     """Body overrides headers, which override the key's default."""
+    layers = [layer for layer in (key.budget if key else None, budget_from_headers(request), body_budget) if layer is not None]
+    if len(layers) == 1:  # the common case: merging one layer over nothing gives the same budget (never mutated later)
+        return layers[0]
     budget = Budget()
-    for layer in (key.budget if key else None, budget_from_headers(request), body_budget):
-        if layer is not None:
-            budget = layer.merged_over(budget)
+    for layer in layers:
+        budget = layer.merged_over(budget)
     return budget
 
 
@@ -184,7 +186,7 @@ class Gateway:
             released = False
             upstream: aiohttp.ClientResponse | None = None
             try:
-                upstream = await _by(deadline, start, self.pool.session.post(f"{w.name}{path}", data=json.dumps(payload).encode(),
+                upstream = await _by(deadline, start, self.pool.session.post(w.url(path), data=json.dumps(payload).encode(),
                                                                              headers=trace.upstream_headers(w.headers), timeout=self.timeout))
                 status = upstream.status
                 if status >= 500 or status == 429:

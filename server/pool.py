@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+import yarl
 
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
@@ -66,10 +67,21 @@ class WorkerState:
         self.headers = {"content-type": "application/json"}
         if self.spec.api_key:
             self.headers["authorization"] = f"Bearer {self.spec.api_key}"
+        # Read many times per request (routing, metrics labels, the upstream URL): made once, since
+        # str(HttpUrl) and URL parsing cost more than everything else these lines do.
+        self._name = self.spec.base
+        self._urls: dict[str, yarl.URL] = {}
 
     @property
     def name(self) -> str:
-        return self.spec.base
+        return self._name
+
+    def url(self, path: str) -> yarl.URL:
+        """The worker's URL for `path`, parsed once (aiohttp takes it as is)."""
+        u = self._urls.get(path)
+        if u is None:
+            u = self._urls[path] = yarl.URL(f"{self._name}{path}")
+        return u
 
     def available(self, now: float | None = None) -> bool:
         return self.healthy and (now or time.monotonic()) >= self.cooldown_until

@@ -9,13 +9,19 @@ Counting a long prompt takes milliseconds to seconds of CPU; on the event loop i
 other request. `count_async` counts a short prompt inline (a thread hop costs more than the count)
 and a long one on one dedicated thread, so long prompts queue behind each other, not in front of the
 short ones. `server.limits` bounds how long a prompt can be before it gets here.
+
+A chat prompt is rendered with the tokenizer's compiled Jinja chat template, called directly with what
+`apply_chat_template` passes it (the messages, no tools or documents, the generation prompt, the
+special tokens): the same text, without `apply_chat_template`'s argument handling, which cost as much
+as the rendering itself for a short prompt (benchmarks/gateway_overhead.py). A tokenizer whose template
+cannot be compiled that way keeps `apply_chat_template`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from transformers import AutoTokenizer
@@ -48,6 +54,7 @@ class Tokenizers:
             loaded.setdefault(key, tokenizer)  # identical tokenizers: keep one
             self._key[m.name] = key
         self._tokenizers = loaded
+        self._renderers = {key: _renderer(tok) for key, tok in loaded.items()}
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     @property
@@ -61,7 +68,7 @@ class Tokenizers:
         for name in members:
             key = self._key[name]
             if key not in by_key:
-                by_key[key] = count_tokens(self._tokenizers[key], body)
+                by_key[key] = count_tokens(self._tokenizers[key], body, self._renderers[key])
             out[name] = by_key[key]
         return out
 
@@ -74,10 +81,28 @@ class Tokenizers:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self.count, body, list(members))
 
 
-def count_tokens(tokenizer, body: ChatCompletionRequest | CompletionRequest) -> int:
+def _renderer(tokenizer) -> Callable[[list[dict]], str] | None:
+    """The tokenizer's chat template as one call (messages → prompt text), or None: no template, or one
+    `apply_chat_template` must handle itself."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+        special = dict(tokenizer.special_tokens_map)
+    except Exception:  # a private helper that moved, a template set without a default: the public call
+        return None
+    return lambda messages: template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **special)
+
+
+def count_tokens(tokenizer, body: ChatCompletionRequest | CompletionRequest,
+                 render: Callable[[list[dict]], str] | None = None) -> int:
     if isinstance(body, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if getattr(tokenizer, "chat_template", None):
+        if render is not None:
+            text = render(messages)
+        elif getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
             text = "\n".join(m["content"] for m in messages)
