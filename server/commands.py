@@ -100,7 +100,7 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="largest request body accepted (413 past it, checked while reading)"),
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
-    worker_threads: int = typer.Option(0, help="local torch workers: CPU threads each (0 = this machine's cores shared out evenly)"),
+    worker_threads: int = typer.Option(0, help="the local torch worker (one process for all members): CPU threads (0 = one per core)"),
     state: str = typer.Option("memory", help="where per-key token quotas live: memory (this replica) or redis://host:port/db "
                                              "(shared by every replica pointed at it)"),
     state_failure: str = typer.Option("open", help="when the --state Redis is unreachable: open (serve unreserved; default) or "
