@@ -39,9 +39,11 @@ def _metric(url: str, prefix: str) -> float:
 
 def stub_worker(member: str, *, fail=lambda body: False, stream_s: float = 0.0) -> FastAPI:
     """A worker that answers /v1/completions with 500 when `fail(body)`, else a one-token completion; a
-    streamed request gets one token every 0.1 s for `stream_s` seconds. `app.state.calls` counts requests."""
+    streamed request gets one token every 0.1 s for `stream_s` seconds. `app.state.calls` counts requests;
+    `app.state.traceparents` keeps each request's W3C traceparent header."""
     app = FastAPI()
     app.state.calls = []
+    app.state.traceparents = []
 
     @app.get("/health")
     async def health() -> dict:
@@ -55,6 +57,7 @@ def stub_worker(member: str, *, fail=lambda body: False, stream_s: float = 0.0) 
     async def completions(request: Request):
         body = await request.json()
         app.state.calls.append(body["prompt"])
+        app.state.traceparents.append(request.headers.get("traceparent"))
         if fail(body):
             return JSONResponse({"error": {"message": "engine exploded on this request", "type": "server_error", "param": None,
                                            "code": None}}, status_code=500)

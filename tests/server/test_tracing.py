@@ -10,8 +10,6 @@ import time
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,7 +20,7 @@ from server.auth import Auth
 from server.keys import KeySpec
 from server.worker_torch import create_app as create_worker
 from tests.server.gateway_fixtures import fleet, tiny_family  # noqa: F401  (fixture)
-from tests.server.test_hostile import gateway
+from tests.server.test_hostile import gateway, stub_worker
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -77,30 +75,9 @@ def test_a_span_per_request_with_member_worker_attempts_and_latencies(tiny_famil
         assert 0 < a["family.observed_ttft_ms"] <= a["family.observed_latency_ms"] and a["family.outcome"] == "ok"
 
 
-def _failing_worker(member: str) -> FastAPI:
-    """Healthy to health checks; every completion is a 500. Records each request's traceparent."""
-    app = FastAPI()
-    app.state.traceparents = []
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse("")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        app.state.traceparents.append(request.headers.get("traceparent"))
-        return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}, status_code=500)
-
-    return app
-
-
 def test_retries_show_as_attempts_and_the_worker_gets_the_traceparent(tiny_family, provider, exporter):
     fam = load_family(tiny_family)
-    flaky = _failing_worker("tiny-p60")
+    flaky = stub_worker("tiny-p60", fail=lambda body: True)
     real = create_worker(fam.member_dir("tiny-p60"), "tiny-p60", max_model_len=256)
     with gateway(tiny_family, [("tiny-p60", flaky), ("tiny-p60", real)], tracer_provider=provider) as (url, client, specs):
         raw = client.completions.with_raw_response.create(model="tiny-p60", prompt="a", max_tokens=2,
