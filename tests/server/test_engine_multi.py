@@ -34,7 +34,7 @@ PROMPTS = ["The tower is", "In 1905 the", "Rivers of the north"]
 
 @pytest.fixture(scope="module")
 def shared(tiny_parent_dir, tiny_member_dir):
-    app = create_app({"tiny-parent": tiny_parent_dir, "tiny-p70": tiny_member_dir}, max_model_len=256, max_batch=4)
+    app = create_app({"tiny-parent": tiny_parent_dir, "tiny-p70": tiny_member_dir}, max_model_len=2048, max_batch=4)
     with serve(app) as url:
         yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
@@ -88,9 +88,13 @@ def test_the_gateway_pool_reads_each_members_load_from_the_shared_worker(shared)
     state for tiny-p70 at the same url shows nothing (load is per member within the worker)."""
     url, client = shared
     specs = [WorkerSpec(url=url, member=m, device_class="cpu") for m in ("tiny-parent", "tiny-p70")]
-    stream = client.completions.create(model="tiny-parent", prompt="a", max_tokens=200, temperature=0, stream=True,
+    # Long enough to still be decoding while the pool checks, even when checks are slow (closing the
+    # stream cancels the rest). The first chunk is sent before the engine admits the request: read past
+    # it, into decoded tokens, so the request is surely in the running batch.
+    stream = client.completions.create(model="tiny-parent", prompt="a", max_tokens=2000, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
-    next(stream)
+    for _ in range(4):
+        next(stream)
 
     async def check() -> dict[str, float]:
         async with aiohttp.ClientSession() as session:
@@ -163,7 +167,7 @@ def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_pat
     fam = load_family(tiny_family)
     members = ["tiny-p80", "tiny-p60"]
     with WorkerProcess([fam.member_dir(m) for m in members], members, "torch", log=tmp_path / "shared.log", ready_timeout=300) as victim, \
-            serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=256, max_batch=4)) as survivor:
+            serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=2048, max_batch=4)) as survivor:
         specs = [WorkerSpec(url=u, member=m, device_class=DEVICE) for u in (victim.url, survivor) for m in members]
         with serve(create_gateway(fam, specs, health_interval=0.3)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
