@@ -10,7 +10,7 @@ worker dies after the first token ends with an error event and `data: [DONE]`.
 Hostile input (issue 13) is stopped before it costs anything or reaches a worker: body size and prompt
 length (server.limits), field ranges (server.protocol), key caps (server.caps), and a request that
 fails with a 5xx on two workers is answered as the request's fault without cooling anyone down
-(server.isolation).
+(server.isolation). Relaying and observing a worker's answer is server.relay.
 
 Upstream calls go through one aiohttp session (a keep-alive pool for every worker): on this
 project's 2-core machines it costs about a quarter of httpx's per-request CPU, which is most of what
@@ -19,12 +19,9 @@ the gateway adds to a request (benchmarks/gateway_overhead.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import re
 import time
-from typing import AsyncIterator
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
@@ -43,10 +40,11 @@ from server.deadlines import DEFAULT_S as FIRST_TOKEN_S, FirstTokenTimeout, firs
 from server.isolation import Attempts
 from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
 from server.metrics import GatewayMetrics, budget_class
-from server.pool import UPSTREAM_ERRORS, Pool, WorkerState
+from server.pool import UPSTREAM_ERRORS, Pool
 from server.priority import Admission, Admitted, RoutingPolicy, resolve_priority
-from server.protocol import SSE_DONE, Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Priority, sse
+from server.protocol import Budget, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Priority
 from server.quotas import NO_QUOTA, FailurePolicy, Quotas, Ticket
+from server.relay import Relay, UpstreamEnded, by_deadline, total_tokens
 from server.router import Choice, best_effort, no_fit_error, route
 from server.state import StateBackend
 from server.tokens import Tokenizers
@@ -111,6 +109,7 @@ class Gateway:
         self.admission = admission or Admission(metrics)  # worker slots and the priority queue (server.priority)
         self.affinity = affinity or Affinity(metrics)  # session and prefix affinity (server.affinity)
         self.first_token_s = first_token_s  # default first-token deadline (server.deadlines)
+        self.relay = Relay(pool, metrics, self.admission, live)  # relaying and observing answers (server.relay)
 
     async def admit(self, budget: Budget, pinned: str | None, p: dict[str, int], o: int, tried: set[str], first_attempt: bool,
                     prompt_param: str, grant: Grant = OPEN, priority: Priority = "standard", key: AffinityKey | None = None,
@@ -142,15 +141,6 @@ class Gateway:
         self.metrics.admitted.labels(priority, admitted.how).inc()
         self.affinity.remember(key, admitted.choice, p.get(admitted.choice.member.name, 0))
         return admitted
-
-    def check_budget(self, choice: Choice, budget: Budget, ttft: float | None, e2e: float, tpot: float | None = None) -> None:
-        member = choice.member.name
-        missed = [name for name, limit, seen in (("max_ttft_ms", budget.max_ttft_ms, ttft), ("max_latency_ms", budget.max_latency_ms, e2e),
-                                                 ("max_tpot_ms", budget.max_tpot_ms, tpot))
-                  if limit is not None and seen is not None and seen * 1e3 > limit]
-        for name in missed:
-            self.metrics.budget_misses.labels(member, name).inc()
-        self.metrics.goodput.labels(budget_class(budget), "missed" if missed else "met").inc()
 
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
                      grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
@@ -186,8 +176,8 @@ class Gateway:
             released = False
             upstream: aiohttp.ClientResponse | None = None
             try:
-                upstream = await _by(deadline, start, self.pool.session.post(w.url(path), data=json.dumps(payload).encode(),
-                                                                             headers=trace.upstream_headers(w.headers), timeout=self.timeout))
+                upstream = await by_deadline(deadline, start, self.pool.session.post(w.url(path), data=json.dumps(payload).encode(),
+                                                                                     headers=trace.upstream_headers(w.headers), timeout=self.timeout))
                 status = upstream.status
                 if status >= 500 or status == 429:
                     content = await upstream.read()
@@ -204,28 +194,28 @@ class Gateway:
                     return Response(content, status_code=status, media_type="application/json", headers=route_headers(choice))
                 attempts.served()
                 if body.stream:
-                    head, ttft = await _by(deadline, start, self._head(upstream, start))
+                    head, ttft = await by_deadline(deadline, start, self.relay.head(upstream, start))
                     released = True  # the relay owns the connection and the in-flight count from here
-                    return StreamingResponse(self._relay(upstream, head, ttft, choice, budget, start, ticket, trace, p.get(choice.member.name, 0)),
+                    return StreamingResponse(self.relay.stream(upstream, head, ttft, choice, budget, start, ticket, trace, p.get(choice.member.name, 0)),
                                              media_type="text/event-stream", headers=route_headers(choice))
                 content = await upstream.read()
                 e2e = time.perf_counter() - start
-                self._observe_whole(choice, content, e2e, budget)
+                self.relay.observe_whole(choice, content, e2e, budget)
                 trace.observed(None, e2e)
                 if ticket.active:
-                    ticket.used(_total_tokens(content) or ticket.reserved)  # no usage reported: the worst case
+                    ticket.used(total_tokens(content) or ticket.reserved)  # no usage reported: the worst case
                 return Response(content, media_type="application/json", headers=route_headers(choice))
             except FirstTokenTimeout as exc:  # cancelled before any byte reached the client: next choice
                 stalled = exc
-                self._stalled(choice, exc.deadline_s)
-            except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
+                self.relay.stalled(choice, exc.deadline_s)
+            except (*UPSTREAM_ERRORS, UpstreamEnded) as exc:
                 self.pool.fail(w, type(exc).__name__)
                 self.metrics.retries.labels(w.name, "connection").inc()
             finally:
                 if not released:
                     if upstream is not None:
                         upstream.release()
-                    self._leave(w)
+                    self.relay.leave(w)
         if stalled is not None:
             raise no_first_token_error(sorted(tried), stalled.deadline_s)
         if retry_after is not None:
@@ -234,141 +224,6 @@ class Gateway:
         said = "".join(f"; {w.name} answered HTTP {status}: {msg}" for w, status, msg in attempts.failed)
         raise APIError(502, f"no upstream worker could serve the request after retries{said}", type="server_error", code="upstream_failed")
 
-    def _leave(self, w: WorkerState) -> None:
-        self.admission.release(w)  # wakes the first waiter (by priority) that can use the slot
-
-    def _stalled(self, choice: Choice, deadline_s: float) -> None:
-        """An attempt with no first token by its deadline: counted, and fed to the worker's observed TTFT
-        ratio (it took at least the deadline) so routing steers away; no cooldown (server.deadlines)."""
-        w = choice.worker
-        self.metrics.deadline_cancels.labels(w.name).inc()
-        pred = choice.predicted
-        if pred is not None and self.live:
-            w.observe(pred.ttft_s / w.ttft_ratio, deadline_s, None, None)
-
-    async def _head(self, upstream: aiohttp.ClientResponse, start: float) -> tuple[list[bytes], float | None]:
-        """Read up to the first token (or the end), so a worker that fails before it is retried elsewhere."""
-        head: list[bytes] = []
-        while True:
-            line = (await upstream.content.readline()).strip()
-            if not line:
-                if upstream.content.at_eof():
-                    raise _UpstreamEnded
-                continue
-            head.append(line)
-            if _TOKEN.search(line):
-                return head, time.perf_counter() - start
-            if line == _DONE or line.startswith(b"data: {\"error\""):
-                return head, None
-
-    async def _relay(self, upstream: aiohttp.ClientResponse, head: list[bytes], ttft: float | None, choice: Choice,
-                     budget: Budget, start: float, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
-                     prompt_tokens: int = 0) -> AsyncIterator[bytes]:
-        w, member = choice.worker, choice.member.name
-        last = time.perf_counter() if ttft is not None else None
-        chunks = 1 if ttft is not None else 0
-        outcome, done = "ok", False
-        if ttft is not None:
-            self.metrics.ttft.labels(member).observe(ttft)
-        try:
-            for line in head:
-                done = done or line == _DONE
-                yield line + b"\n\n"
-            while not done:
-                line = (await upstream.content.readline()).strip()
-                if not line:
-                    if upstream.content.at_eof():
-                        raise _UpstreamEnded
-                    continue
-                if line == _DONE:
-                    done = True
-                elif line.startswith(b"data: {\"error\""):
-                    outcome = "upstream_error"
-                elif _TOKEN.search(line):
-                    now = time.perf_counter()
-                    if ttft is None:
-                        ttft = now - start
-                        self.metrics.ttft.labels(member).observe(ttft)
-                    else:
-                        self.metrics.itl.labels(member).observe(now - last)
-                    last = now
-                    chunks += 1
-                elif ticket.active and (m := _TOTAL_TOKENS.search(line)):  # the usage chunk (stream_options.include_usage)
-                    ticket.used(int(m.group(1)))
-                yield line + b"\n\n"
-        except (*UPSTREAM_ERRORS, _UpstreamEnded) as exc:
-            outcome = "stream_error"
-            self.pool.fail(w, f"stream ended early ({type(exc).__name__})")
-            yield sse({"error": {"message": f"worker {w.name} failed mid-stream", "type": "server_error", "param": None,
-                                 "code": "upstream_failed"}}).encode()
-            yield SSE_DONE.encode()
-        finally:
-            if done:
-                upstream.release()
-            else:  # unfinished (worker died or the caller went away): drop the connection
-                upstream.close()
-            self._leave(w)
-            e2e = time.perf_counter() - start
-            self.metrics.e2e.labels(member).observe(e2e)
-            self.metrics.requests.labels(member, w.name, outcome if done or outcome != "ok" else "cancelled").inc()
-            trace.observed(ttft, e2e)
-            trace.set(outcome=outcome if done or outcome != "ok" else "cancelled")
-            if ticket.active and ticket.usage is None:  # no usage chunk: the prompt and the token chunks relayed
-                ticket.used(prompt_tokens + chunks)
-            if outcome == "ok" and done:
-                pred = choice.predicted
-                tpot = (last - start - ttft) / (chunks - 1) if chunks > 1 and ttft is not None and last is not None else None
-                if pred is not None and ttft is not None and last is not None:
-                    base_ttft = pred.ttft_s / w.ttft_ratio if self.live else pred.ttft_s
-                    base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
-                    w.observe(base_ttft, ttft, base_tpot, tpot)
-                self.check_budget(choice, budget, ttft, e2e, tpot)
-            elif outcome != "ok":  # broke mid-stream (a caller who left is not counted)
-                self.metrics.goodput.labels(budget_class(budget), "failed").inc()
-
-    def _observe_whole(self, choice: Choice, content: bytes, e2e: float, budget: Budget) -> None:
-        w, member = choice.worker, choice.member.name
-        self.metrics.e2e.labels(member).observe(e2e)
-        self.metrics.requests.labels(member, w.name, "ok").inc()
-        pred = choice.predicted
-        if pred is not None:
-            try:
-                n = json.loads(content)["usage"]["completion_tokens"]
-            except (ValueError, KeyError, TypeError):
-                n = 0
-            if n > 1:
-                base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
-                observed_tpot = max(0.0, e2e - pred.ttft_s) / (n - 1)
-                w.observe(None, None, base_tpot, observed_tpot)
-        self.check_budget(choice, budget, None, e2e)
-
-
-async def _by(deadline_s: float | None, start: float, step):
-    """Await `step` (the upstream call, or reading to the first token) within the attempt's first-token
-    deadline, counted from `start`; FirstTokenTimeout past it. No deadline: just await it."""
-    if deadline_s is None:
-        return await step
-    try:
-        return await asyncio.wait_for(step, max(0.0, deadline_s - (time.perf_counter() - start)))
-    except asyncio.TimeoutError:
-        if time.perf_counter() - start < deadline_s * 0.99:  # the upstream's own timeout, not the deadline
-            raise
-        raise FirstTokenTimeout(deadline_s) from None
-
-
-class _UpstreamEnded(Exception):
-    """The worker's stream ended before [DONE] (it died or closed the connection)."""
-
-
-_DONE = b"data: [DONE]"
-_TOKEN = re.compile(rb'"(?:content|text)":"[^"]')  # a chunk carrying generated text (not the empty role chunk)
-_TOTAL_TOKENS = re.compile(rb'"usage":\s*\{[^}]*"total_tokens":\s*(\d+)')
-
-
-def _total_tokens(content: bytes) -> int | None:
-    """usage.total_tokens of a whole (non-streamed) response, or None when it has none."""
-    m = _TOTAL_TOKENS.search(content)
-    return int(m.group(1)) if m else None
 
 
 def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None = None, timeout: float = 120.0,

@@ -61,7 +61,7 @@ class GatewayMetrics:
                               "cause, no worker cooled down", ["member"], registry=r)
         self.strikes = Counter("family_worker_strikes", "HTTP 5xx to a request that another worker then served", ["worker"], registry=r)
         self.refused = Counter("family_refused_requests", "Requests refused at the edge before any work (by error code)", ["code"], registry=r)
-        self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker", ["worker"], registry=r)
+        self.in_flight = Gauge("family_worker_in_flight", "Requests the gateway has in flight to the worker, per member it serves", ["worker", "member"], registry=r)
         # Issue 12: priorities and admission (server.priority), affinity (server.affinity), deadlines (server.deadlines).
         self.admitted = Counter("family_admitted", "Requests given a worker slot, by priority and how (free, queued, downshift)",
                                 ["priority", "how"], registry=r)

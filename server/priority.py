@@ -113,12 +113,12 @@ class Admission:
 
     def take(self, w: WorkerState) -> None:
         w.in_flight += 1
-        self.metrics.in_flight.labels(w.name).set(w.in_flight)
+        self.metrics.in_flight.labels(w.name, w.spec.member).set(w.in_flight)
 
     def release(self, w: WorkerState) -> None:
         """A request left `w`: give its slot to the first waiter (by priority, then arrival) that can use it."""
         w.in_flight -= 1
-        self.metrics.in_flight.labels(w.name).set(w.in_flight)
+        self.metrics.in_flight.labels(w.name, w.spec.member).set(w.in_flight)
         self._grant()
 
     def _grant(self) -> None:

@@ -186,3 +186,24 @@ def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_pat
             state = [w for w in httpx.get(f"{url}/v1/family").json()["workers"] if w["url"] == victim.url]
             assert {w["member"] for w in state} == set(members)
             assert all(w["healthy"] is False or w["in_cooldown"] for w in state)
+
+
+def test_the_gateways_in_flight_gauge_is_per_member_of_a_shared_worker(tiny_family):
+    """A stream in flight to one member of a shared worker: the gateway's in-flight gauge shows it on that
+    member's series only (one gauge per worker URL would be overwritten by whichever member moved last)."""
+    fam = load_family(tiny_family)
+    members = ["tiny-p80", "tiny-p60"]
+    with serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=2048, max_batch=4)) as worker:
+        specs = [WorkerSpec(url=worker, member=m, device_class=DEVICE) for m in members]
+        with serve(create_gateway(fam, specs, health_interval=0.3)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            client.completions.create(model=members[1], prompt="a", max_tokens=2)  # p60 busy, then free again
+            stream = client.completions.create(model=members[0], prompt="a", max_tokens=2000, stream=True,
+                                               extra_body={"ignore_eos": True})
+            for _ in range(4):
+                next(stream)
+            text = httpx.get(f"{url}/metrics").text
+            stream.close()
+    gauge = {m: [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("family_worker_in_flight{") and f'member="{m}"' in line] for m in members}
+    assert gauge == {members[0]: [1.0], members[1]: [0.0]}
