@@ -35,7 +35,8 @@ from plrd.calibrate import collect_grams
 from plrd.data import pack, read_source, tokenize
 from family.accuracy import perplexity
 from plrd.factorize import count_parameters, factorize, spectra
-from plrd.heal import HealConfig, bf16_is_fast, heal
+from family.hardware import bf16_is_fast
+from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent
 from plrd.trawl import TrawlConfig, parse_layers, parse_modules, trawl
 

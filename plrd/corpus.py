@@ -10,7 +10,9 @@ of record:
 
 The corpus is cached under the runs folder, in a folder named by a hash of everything that decides
 its content (the parent's weights, the prompt files, the settings), with `meta.json` (how it was made,
-the sha256 of `corpus.jsonl`). It is written a batch at a time, so an interrupted run resumes at the
+the sha256 of `corpus.jsonl`; the generation dtype is part of it: bf16 where the hardware does bf16
+natively, fp32 elsewhere, so the corpus of a given parent and seed is the same on every machine of one
+kind). It is written a batch at a time, so an interrupted run resumes at the
 first unfinished batch; the same seed gives the same corpus.
 """
 
@@ -21,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from family import data as shipped
 from family.errors import FamilyError
+from family.hardware import fast_dtype
 from family.generate import chat_prompt_ids, generate
 from family.storage import atomic_write_text, sha256_file
 
@@ -47,7 +50,7 @@ class CorpusConfig:
     batch_size: int = 32
     max_prompts: int | None = None  # None: every seed prompt
     max_openers: int | None = None  # None: every opener
-    dtype: str = "bfloat16"  # generation dtype (bf16 is ~1.5x faster on CPUs with native bf16)
+    dtype: str = field(default_factory=fast_dtype)  # generation dtype: bf16 only where it is native (family.hardware)
     seed: int = 0
 
 

@@ -6,11 +6,8 @@ schedule, gradient accumulation, a token budget, bf16 autocast. `accelerate` own
 processes, so `accelerate launch -m family.cli build ...` runs the same loop data-parallel on one or
 many GPUs, and plain `family build` runs it on the CPU.
 
-bf16 autocast is used where the hardware computes in bf16 natively (`bf16_is_fast`): CUDA GPUs with
-bf16, CPUs with AVX512-BF16 or AMX. It pays only there: on an AMD EPYC with avx512_bf16 a 576×1536
-projection matmul ran about 3.6× faster in bf16 than in fp32, while on an AVX2-only EPYC a forward and
-backward of SmolLM2-135M cut to 0.8 ran about 25× *slower* in bf16 (7 vs 185 tokens/s), because the
-bf16 kernels fall back to emulation. Autocast keeps fp32 master weights either way.
+bf16 autocast is used where the hardware computes in bf16 natively (`family.hardware.bf16_is_fast`; it
+is emulated, and much slower than fp32, elsewhere). Autocast keeps fp32 master weights either way.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from family import defaults
 from family.errors import FamilyError
+from family.hardware import bf16_is_fast
 from family.lowrank import LowRankLinear
 
 
@@ -77,18 +74,6 @@ def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-def bf16_is_fast() -> bool:
-    """Whether bf16 autocast speeds training up here: a CUDA GPU with bf16, or a CPU with native bf16
-    instructions (AVX512-BF16, AMX). Elsewhere bf16 is emulated and much slower than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -4,7 +4,8 @@ import torch
 
 from plrd.calibrate import collect_grams
 from plrd.factorize import count_parameters, factorize
-from plrd.heal import HealConfig, bf16_is_fast, heal
+from family.hardware import bf16_is_fast
+from plrd.heal import HealConfig, heal
 from plrd.data import pack
 
 
