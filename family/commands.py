@@ -260,12 +260,13 @@ def profile(
         with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, threads=n_threads) as worker:
             samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
             peak = worker.peak_rss
+            serving = worker.serving(n)
         mine = probe.members[str(fam.member_dir(n))]
         memory = MemoryBreakdown(dtype=dtype, weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
                                  kv_batch=kv_batch, kv_context=kv_context, runtime_bytes=probe.runtime_bytes,
                                  runtime_shared_by=shared_by, worker_peak_rss_bytes=peak)
         coef = latency.fit(samples)
-        prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, samples=samples, peak_memory_bytes=peak,
+        prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, serving=serving, samples=samples, peak_memory_bytes=peak,
                               memory=memory, latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
         fam.record(n, latency=prof)  # after each member, merged under a lock: an interrupted profile loses nothing
         one = [s for s in samples if s.concurrency == 1] or samples

@@ -113,6 +113,14 @@ class WorkerProcess:
             self.stop()
             raise
 
+    def serving(self, name: str) -> dict | None:
+        """How the worker serves `name` (the torch engine's /health `serving`: dtype and dense or factored
+        projections, chosen by measurement at load), or None where the engine does not say (vLLM)."""
+        try:
+            return httpx.get(f"{self.url}/health", timeout=10).json().get("serving", {}).get(name)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+
     def stop(self) -> None:
         """Terminate the worker and every process it started (vLLM runs an engine-core child)."""
         self._stop.set()

@@ -160,6 +160,9 @@ class LatencyProfile(_Model):
     basis: Literal["measured", "predicted"] = "measured"
     dtype: str = "float32"
     threads: int | None = None  # torch engine: CPU threads of the worker (None: the engine's default)
+    # torch engine: how the worker served the member while it was measured: its dtype and, per projection
+    # shape, dense or factor pair (and at what rank), chosen by timing each form at load (server.layout)
+    serving: dict | None = None
     samples: list[LatencySample] = Field(default_factory=list)
     peak_memory_bytes: int | None = None  # the worker process tree's peak RSS (runtime included; not routed on)
     memory: MemoryBreakdown | None = None  # the member's serving memory, in parts

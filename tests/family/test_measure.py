@@ -49,6 +49,9 @@ def test_profile_stores_samples_memory_and_a_fitted_model(measured):
     assert all(s.ttft_s > 0 and s.tpot_s > 0 and s.throughput_tok_s > 0 for s in prof.samples)
     assert {(s.concurrency, s.output_tokens) for s in prof.samples} == {(1, 6), (2, 6)}
     assert prof.peak_memory_bytes > 50e6  # a Python process with torch loaded
+    # how the torch worker served it while measured: each projection dense or a factor pair, by timing
+    assert prof.serving["dtype"] == "float32" and prof.serving["how"] == "measured"
+    assert sum(prof.serving["projections"].values()) == 2 * 7  # the tiny model's 2 layers × 7 projections
     assert set(prof.latency_model) == set(latency.TTFT_TERMS + latency.TPOT_TERMS)
     fam = load_family(measured)
     p60 = fam.registry.member("tiny-p60")
