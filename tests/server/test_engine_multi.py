@@ -54,6 +54,17 @@ def _running(url: str) -> dict[str, float]:
     return {line.split('model_name="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
 
 
+def _decoding_stream(client: openai.OpenAI, member: str):
+    """A long stream on `member`, read until the engine is surely decoding it: the first chunk is sent
+    before the engine admits the request, so read past it into generated tokens. Long enough to still be
+    decoding while a test looks at the load, even on a slow machine; closing it cancels the rest."""
+    stream = client.completions.create(model=member, prompt="a", max_tokens=2000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for _ in range(4):
+        next(stream)
+    return stream
+
+
 def test_two_members_at_once_each_answer_like_transformers(shared, tiny_parent_dir, tiny_member_dir):
     url, client = shared
     dirs = {"tiny-parent": tiny_parent_dir, "tiny-p70": tiny_member_dir}
@@ -88,13 +99,7 @@ def test_the_gateway_pool_reads_each_members_load_from_the_shared_worker(shared)
     state for tiny-p70 at the same url shows nothing (load is per member within the worker)."""
     url, client = shared
     specs = [WorkerSpec(url=url, member=m, device_class="cpu") for m in ("tiny-parent", "tiny-p70")]
-    # Long enough to still be decoding while the pool checks, even when checks are slow (closing the
-    # stream cancels the rest). The first chunk is sent before the engine admits the request: read past
-    # it, into decoded tokens, so the request is surely in the running batch.
-    stream = client.completions.create(model="tiny-parent", prompt="a", max_tokens=2000, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
-    for _ in range(4):
-        next(stream)
+    stream = _decoding_stream(client, "tiny-parent")
 
     async def check() -> dict[str, float]:
         async with aiohttp.ClientSession() as session:
@@ -167,7 +172,7 @@ def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_pat
     fam = load_family(tiny_family)
     members = ["tiny-p80", "tiny-p60"]
     with WorkerProcess([fam.member_dir(m) for m in members], members, "torch", log=tmp_path / "shared.log", ready_timeout=300) as victim, \
-            serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=2048, max_batch=4)) as survivor:
+            serve(create_app({m: fam.member_dir(m) for m in members}, max_model_len=256, max_batch=4)) as survivor:
         specs = [WorkerSpec(url=u, member=m, device_class=DEVICE) for u in (victim.url, survivor) for m in members]
         with serve(create_gateway(fam, specs, health_interval=0.3)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -198,10 +203,7 @@ def test_the_gateways_in_flight_gauge_is_per_member_of_a_shared_worker(tiny_fami
         with serve(create_gateway(fam, specs, health_interval=0.3)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
             client.completions.create(model=members[1], prompt="a", max_tokens=2)  # p60 busy, then free again
-            stream = client.completions.create(model=members[0], prompt="a", max_tokens=2000, stream=True,
-                                               extra_body={"ignore_eos": True})
-            for _ in range(4):
-                next(stream)
+            stream = _decoding_stream(client, members[0])
             text = httpx.get(f"{url}/metrics").text
             stream.close()
     gauge = {m: [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
