@@ -9,11 +9,13 @@ because the bf16 kernels fall back to emulation there.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 
+@functools.cache  # the hardware does not change in a process: read /proc/cpuinfo once, not per config or heal
 def bf16_is_fast() -> bool:
     """Whether bf16 compute is native here (a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX)."""
     if torch.cuda.is_available():
