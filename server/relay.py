@@ -50,9 +50,8 @@ class Relay:
         ratio (it took at least the deadline) so routing steers away; no cooldown (server.deadlines)."""
         w = choice.worker
         self.metrics.deadline_cancels.labels(w.name).inc()
-        pred = choice.predicted
-        if pred is not None and self.live:
-            w.observe(pred.ttft_s / w.ttft_ratio, deadline_s, None, None)
+        if choice.baseline is not None and self.live:
+            w.observe(choice.baseline.ttft_s, deadline_s, None, None)
 
     async def head(self, upstream: aiohttp.ClientResponse, start: float) -> tuple[list[bytes], float | None]:
         """Read up to the first token (or the end), so a worker that fails before it is retried elsewhere."""
@@ -124,12 +123,10 @@ class Relay:
             if ticket.active and ticket.usage is None:  # no usage chunk: the prompt and the token chunks relayed
                 ticket.used(prompt_tokens + chunks)
             if outcome == "ok" and done:
-                pred = choice.predicted
+                base = choice.baseline
                 tpot = (last - start - ttft) / (chunks - 1) if chunks > 1 and ttft is not None and last is not None else None
-                if pred is not None and ttft is not None and last is not None:
-                    base_ttft = pred.ttft_s / w.ttft_ratio if self.live else pred.ttft_s
-                    base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
-                    w.observe(base_ttft, ttft, base_tpot, tpot)
+                if base is not None and ttft is not None and last is not None:
+                    w.observe(base.ttft_s, ttft, base.tpot_s, tpot)
                 self.check_budget(choice, budget, ttft, e2e, tpot)
             elif outcome != "ok":  # broke mid-stream (a caller who left is not counted)
                 self.metrics.goodput.labels(budget_class(budget), "failed").inc()
@@ -138,16 +135,15 @@ class Relay:
         w, member = choice.worker, choice.member.name
         self.metrics.e2e.labels(member).observe(e2e)
         self.metrics.requests.labels(member, w.name, "ok").inc()
-        pred = choice.predicted
-        if pred is not None:
+        pred, base = choice.predicted, choice.baseline
+        if pred is not None and base is not None:
             try:
                 n = json.loads(content)["usage"]["completion_tokens"]
             except (ValueError, KeyError, TypeError):
                 n = 0
             if n > 1:
-                base_tpot = pred.tpot_s / w.tpot_ratio if self.live else pred.tpot_s
                 observed_tpot = max(0.0, e2e - pred.ttft_s) / (n - 1)
-                w.observe(None, None, base_tpot, observed_tpot)
+                w.observe(None, None, base.tpot_s, observed_tpot)
         self.check_budget(choice, budget, None, e2e)
 
 

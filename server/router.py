@@ -33,9 +33,14 @@ from server.protocol import Budget
 class Choice:
     member: MemberRecord
     worker: WorkerState
-    predicted: LatencyPrediction | None
+    predicted: LatencyPrediction | None  # the registry's prediction times the worker's observed ratios (when live)
     reason: str  # "pinned", "best", "best_effort"
     warning: str | None = None  # e.g. the pinned member is unfit; the gateway sends it as x-family-warning
+    baseline: LatencyPrediction | None = None  # the registry's own: what observed latencies are compared with
+
+    def __post_init__(self) -> None:
+        if self.baseline is None:
+            self.baseline = self.predicted
 
 
 @dataclass
@@ -84,17 +89,18 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
 
 
 def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0,
-             devices: dict | None = None) -> LatencyPrediction | None:
-    """`cached`: prompt tokens this worker likely holds in its prefix cache (server.affinity); only a
-    worker that caches prefixes skips their prefill."""
+             devices: dict | None = None) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+    """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
+    worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
+    skips their prefill."""
     concurrency = w.load() + 1 if live else 1
     if cached and w.spec.prefix_caching:
         prompt_tokens = max(1, prompt_tokens - cached)
     base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency, devices)  # measured, else predicted
     if base is None or not live:
-        return base
+        return base, base
     ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
-    return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
+    return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
 
 
 def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Budget) -> Verdict | None:
@@ -144,11 +150,11 @@ def route(
         best_verdict = None
         for w in workers:
             verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
-            pred = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices) if verdict is None else None
+            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
-                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best", warning)))
+                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best", warning, base)))
             elif best_verdict is None or verdict.violation < best_verdict.violation:
                 best_verdict = verdict
         if best_verdict is not None and not any(c.member.name == m.name for _, _, c in fits):
@@ -172,8 +178,8 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            pred = _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live, devices=family.registry.devices)
-            out.append(Choice(m, w, pred, "best_effort", warning))
+            pred, base = _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live, devices=family.registry.devices)
+            out.append(Choice(m, w, pred, "best_effort", warning, base))
     return out
 
 
