@@ -11,10 +11,8 @@ attention over its own keys (no padding ever reaches a row's attention).
 
 Projections follow a `Layout` (server.layout): the projections reading one input (q/k/v; gate/up)
 are one stacked matmul whose rows are the dense weights of the merged ones and the A factors of the
-factored ones, then each factored one's B; o and down are one matmul dense or two factored. Every
-matrix (the LM head too) is stored as rows or as columns, whichever the layout measured faster for its
-shape (`Matmul`). Norms, the rotary embedding and the embedding are `transformers`' own modules, so
-numerics match them.
+factored ones, then each factored one's B; o and down are one matmul dense or two factored. Norms,
+the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
 
 Not compiled: torch.compile (inductor, C++ codegen) of the layer loop took 7 minutes for the 2-layer
 test model on this 2-core machine under load and, with the cache width changing as rows grow, kept
@@ -32,25 +30,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from server.layout import Form, Layout, Projection
 
 
-class Matmul:
-    """y = x·Wᵀ + b, with W ([out, in]) stored as rows (`F.linear`) or as columns ([in, out], `x @ W`)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, columns: bool):
-        self.columns, self.bias = columns, bias
-        self.weight = weight.t().contiguous() if columns else weight.contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.columns:
-            return F.linear(x, self.weight, self.bias)
-        h = torch.matmul(x, self.weight)
-        return h if self.bias is None else h + self.bias
-
-
 class Stage:
     """Projections of one shared input: one stacked first matmul, then a B matmul per factored one."""
 
-    def __init__(self, parts: list[tuple[Projection, Form]], layout: Layout):
-        dtype = layout.dtype
+    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype):
         firsts, biases, self.slices = [], [], []
         offset, has_bias = 0, any(p.bias is not None for p, _ in parts)
         for proj, form in parts:
@@ -61,17 +44,17 @@ class Stage:
             biases.append(bias if second is None and bias is not None else first.new_zeros(rows))
             b = None
             if second is not None:
-                b = Matmul(second.to(dtype), None if bias is None else bias.to(dtype), layout.columns(*second.shape))
+                b = (second.to(dtype).contiguous(), None if bias is None else bias.to(dtype))
             self.slices.append((offset, offset + rows, b))
             offset += rows
-        weight = torch.cat(firsts).to(dtype)
-        self.first = Matmul(weight, torch.cat(biases).to(dtype) if has_bias else None, layout.columns(*weight.shape))
+        self.weight = torch.cat(firsts).to(dtype).contiguous()
+        self.bias = torch.cat(biases).to(dtype) if has_bias else None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.first(x)
+        h = F.linear(x, self.weight, self.bias)
         if len(self.slices) == 1 and self.slices[0][2] is None:
             return [h]
-        return [h[..., a:b] if second is None else second(h[..., a:b]) for a, b, second in self.slices]
+        return [h[..., a:b] if second is None else F.linear(h[..., a:b], *second) for a, b, second in self.slices]
 
 
 class _Layer:
@@ -90,18 +73,14 @@ class StaticDecoder:
         self.layout, self.dtype = layout, layout.dtype
         model = model.to(layout.dtype)
         self.embed, self.norm, self.rotary = model.model.embed_tokens, model.model.norm, model.model.rotary_emb
-        head = model.lm_head.weight.detach()
-        self.lm_head = Matmul(head, None, layout.columns(*head.shape))
-        if self.lm_head.columns and head.data_ptr() == self.embed.weight.data_ptr():
-            table = self.lm_head.weight.t()  # tied: one copy of the matrix; a lookup reads one of its columns
-            self.embed = lambda ids: F.embedding(ids, table)
+        self.lm_head = model.lm_head.weight.detach()
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = []
         for i, hf_layer in enumerate(model.model.layers):
             def stage(*names: str) -> Stage:
                 paths = [f"model.layers.{i}.{n}" for n in names]
-                return Stage([(Projection.of(model, p), layout.forms[p]) for p in paths], layout)
+                return Stage([(Projection.of(model, p), layout.forms[p]) for p in paths], layout.dtype)
 
             self.layers.append(_Layer(hf_layer, stage("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                       stage("self_attn.o_proj"), stage("mlp.gate_proj", "mlp.up_proj"), stage("mlp.down_proj")))
@@ -197,7 +176,7 @@ class StaticDecoder:
         return x
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(last_hidden)).float()
+        return F.linear(self.norm(last_hidden), self.lm_head).float()
 
 
 def _pow2(n: int) -> int:

@@ -11,13 +11,6 @@ weights read from memory as a decode step reads them (cycling over copies larger
 cache-hot timing favoured whatever computes fastest, not what reads least), keeps the fastest, and
 picks the dtype by timing one decoder layer's projections in each. The choice is
 recorded (`Layout.record()`), served by the worker at /v1/models and /health, and logged.
-
-How each matrix is *stored* is measured too (`Layout.columns`): a batch-1 matmul through torch's CPU
-path streamed the same weights from memory at very different speeds depending on their orientation,
-and not the same way for every shape. On the AVX2-only 2-core EPYC a [3072, 576] weight read at 8 GB/s
-as rows ([out, in], `F.linear`) and 14 GB/s as columns ([in, out], `x @ W`), the LM head [49152, 576]
-at 6 against 12.5, while a [576, 1536] one was faster as rows (11 against 7). So each distinct matrix
-shape of the decoder is timed both ways, cold, and stored the faster way; the function is the same.
 """
 
 from __future__ import annotations
@@ -34,7 +27,6 @@ from family.lowrank import PROJECTIONS, LowRankLinear
 PAD_MULTIPLE = 16  # candidate rank rounding (zero rows in A, zero columns in B: the same function)
 MARGIN = 0.1  # another form replaces the factor pair as built only when at least this much faster (timings are noisy)
 COLD_BYTES = 64 << 20  # weights cycled per timing: past the last-level cache, as a decode step reads them
-ORIENTATION_STEP = 64  # matrix shapes timed for their orientation, rounded up to multiples of this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,23 +81,6 @@ class Layout:
     forms: dict[str, Form]  # module path → form
     timings_us: dict[str, dict[str, float]] = field(default_factory=dict)  # shape key → form label → µs
     how: str = "measured"
-    orientation: str = "rows"  # how matrices are stored: "measure" (per shape, below), or all "rows" / all "columns"
-    orientations: dict[str, str] = field(default_factory=dict)  # "out x in" (rounded up) → "rows" | "columns", as measured
-
-    def columns(self, out_features: int, in_features: int) -> bool:
-        """Store this matrix as columns ([in, out], `x @ W`)? Measured once per shape and recorded when
-        the layout is measured; a fixed layout ("dense", "factored": tests, baselines) keeps rows."""
-        if self.orientation != "measure":
-            return self.orientation == "columns"
-        # Shapes that round up to the same multiple of ORIENTATION_STEP share one timing (of that shape):
-        # a member's ranks differ per matrix, and each timing costs a fraction of a second.
-        out_b, in_b = (-(-d // ORIENTATION_STEP) * ORIENTATION_STEP for d in (out_features, in_features))
-        key = f"{out_b}x{in_b}"
-        if key not in self.orientations:
-            times = time_orientations(out_b, in_b, self.dtype)
-            self.timings_us[f"{key} orientation"] = {k: round(v, 1) for k, v in times.items()}
-            self.orientations[key] = "columns" if times["columns"] < (1 - MARGIN) * times["rows"] else "rows"
-        return self.orientations[key] == "columns"
 
     def record(self) -> dict:
         """What was chosen and why (JSON): dtype, counts per form, the per-shape timings."""
@@ -115,7 +90,7 @@ class Layout:
             counts[key] = counts.get(key, 0) + 1
         padded = sum(1 for f in self.forms.values() if f.kind == "factored" and f.rank % PAD_MULTIPLE == 0)
         return {"dtype": str(self.dtype).removeprefix("torch."), "how": self.how, "projections": counts,
-                "factored_at_padded_rank": padded, "orientations": self.orientations, "timings_us": self.timings_us}
+                "factored_at_padded_rank": padded, "timings_us": self.timings_us}
 
 
 def _copies(numel: int, dtype: torch.dtype) -> int:
@@ -172,38 +147,6 @@ def time_forms(p: Projection, forms: list[Form], dtype: torch.dtype, reps: int =
     return best
 
 
-def time_orientations(out_features: int, in_features: int, dtype: torch.dtype, reps: int = 3) -> dict[str, float]:
-    """µs per batch-1 matmul of an [out, in] weight stored as rows (`F.linear`) and as columns (`x @ W`),
-    read from memory (cycled copies past the cache, views of one buffer); fastest of `reps`, in turns.
-    A weight larger than COLD_BYTES is timed on its first rows up to that size: the same orientation."""
-    buffer = _cold_buffer(dtype)
-    out_features = max(1, min(out_features, buffer.numel() // in_features))
-    per_copy = out_features * in_features
-    n = buffer.numel() // per_copy
-    x = torch.randn(1, in_features, dtype=dtype)
-    rows, columns = buffer[: n * per_copy].view(n, out_features, in_features), buffer[: n * per_copy].view(n, in_features, out_features)
-    calls = {"rows": lambda c: F.linear(x, rows[c]), "columns": lambda c: torch.matmul(x, columns[c])}
-    best = {k: float("inf") for k in calls}
-    for rep in range(reps + 1):  # the first pass warms up
-        for kind, call in calls.items():
-            t0 = time.perf_counter()
-            for c in range(n):
-                call(c)
-            if rep:
-                best[kind] = min(best[kind], (time.perf_counter() - t0) / n * 1e6)
-    return best
-
-
-_COLD: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _cold_buffer(dtype: torch.dtype) -> torch.Tensor:
-    """COLD_BYTES of weights to time reads from memory with, made once per dtype (values do not matter)."""
-    if dtype not in _COLD:
-        _COLD[dtype] = torch.full((COLD_BYTES // torch.tensor([], dtype=dtype).element_size(),), 0.01, dtype=dtype)
-    return _COLD[dtype]
-
-
 def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure") -> Layout:
     """Choose each projection's form (and with dtype="auto" the dtype) for `model` on this machine.
 
@@ -238,7 +181,7 @@ def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure
             pick = fastest if times[fastest.label()] < (1 - MARGIN) * built else Form("factored", p.rank)
             best[key] = "dense" if pick.kind == "dense" else "own" if pick.rank == p.rank else "padded"
         forms[path] = {"dense": options[0], "own": options[1]}.get(best[key], options[-1])
-    return Layout(chosen, forms, timings, orientation="measure")
+    return Layout(chosen, forms, timings)
 
 
 def choose_dtype(layer: list[Projection]) -> tuple[torch.dtype, dict]:
