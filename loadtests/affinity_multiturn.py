@@ -83,7 +83,7 @@ def _stats(rows: list[dict]) -> dict:
             "worker_changes": sum(r["moved"] for r in rows)}
 
 
-def affinity_multiturn(family_dir: Path, member: str, engine: str, device_class: str, out: Path, *, workers: int = 2, sessions: int = 3,
+def affinity_multiturn(family_dir: Path, member: str, engine: str, device_class: str, out: Path, *, workers: int = 2, sessions: int = 4,
                        turns: int = 5, system_words: int = 300, max_tokens: int = 24, ready_timeout: float = 900) -> dict:
     out = Path(out)
     logs = out / "affinity-multiturn-logs"
@@ -114,8 +114,12 @@ def affinity_multiturn(family_dir: Path, member: str, engine: str, device_class:
             wait_healthy(gateways[arm], 120, proc, f"gateway {arm}")
         rows: list[dict] = []
         lock = threading.Lock()
+        # Interleaved, and the arm that starts first alternates per session (on, off, off, on, on, off, ...):
+        # each gateway places its own requests, so two first turns often share a worker, and the one that
+        # arrives first is prefilled first; always starting one arm first favoured it by seconds of TTFT.
+        order = lambda k: list(gateways) if k % 2 == 0 else list(reversed(gateways))  # noqa: E731
         threads = [threading.Thread(target=_conversation, args=(gateways[arm], member, arm, k, turns, system_words, max_tokens, rows, lock))
-                   for k in range(sessions) for arm in gateways]  # interleaved: on, off, on, off, ...
+                   for k in range(sessions) for arm in order(k)]
         t1 = time.perf_counter()
         for th in threads:
             th.start()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine", default="vllm", choices=["vllm", "torch"])
     ap.add_argument("--device-class", default="cpu-2core")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--sessions", type=int, default=3)
+    ap.add_argument("--sessions", type=int, default=4, help="per arm; even, so that each arm starts first equally often")
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--system-words", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("runs/affinity"))
