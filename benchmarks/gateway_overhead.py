@@ -105,16 +105,18 @@ class _StubProtocol(asyncio.Protocol):
 
 
 def passthrough_app(upstream: str):
-    """The floor: a raw ASGI app that relays each POST to `upstream` through one aiohttp session."""
-    import aiohttp
+    """The floor: a raw ASGI app that relays each POST to `upstream` through the gateway's own upstream
+    session (server.gateway.upstream_session: the same pool and keep-alive settings)."""
+    from server.gateway import upstream_session
 
-    session: list[aiohttp.ClientSession] = []
+    session = []
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=4.0)))
-                await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.startup
+            session.append(upstream_session())
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
             await session[0].close()
             await send({"type": "lifespan.shutdown.complete"})
             return

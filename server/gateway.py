@@ -64,6 +64,11 @@ MAX_ATTEMPTS = 3
 KEEPALIVE_S = 4.0
 
 
+def upstream_session() -> aiohttp.ClientSession:
+    """The one connection pool for every worker: keep-alive connections are reused across requests."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
+
+
 def budget_from_headers(request: Request) -> Budget | None:
     fields = {f: request.headers[h] for h, f in BUDGET_HEADERS.items() if h in request.headers}
     if not fields:
@@ -243,8 +248,7 @@ def create_app(family: Family, workers: list[WorkerSpec], *, auth: Auth | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        # One connection pool for every worker; keep-alive connections are reused across requests.
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
+        session = upstream_session()
         pool = Pool(workers, session, metrics, interval=health_interval)
         await pool.start()
         p = policy or RoutingPolicy()

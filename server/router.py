@@ -34,13 +34,9 @@ class Choice:
     member: MemberRecord
     worker: WorkerState
     predicted: LatencyPrediction | None  # the registry's prediction times the worker's observed ratios (when live)
+    baseline: LatencyPrediction | None  # the registry's own, which the ratios scale: what observed latencies are compared with
     reason: str  # "pinned", "best", "best_effort"
     warning: str | None = None  # e.g. the pinned member is unfit; the gateway sends it as x-family-warning
-    baseline: LatencyPrediction | None = None  # the registry's own: what observed latencies are compared with
-
-    def __post_init__(self) -> None:
-        if self.baseline is None:
-            self.baseline = self.predicted
 
 
 @dataclass
@@ -154,7 +150,7 @@ def route(
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
-                fits.append((_rank_key(m), e2e, Choice(m, w, pred, "pinned" if pinned else "best", warning, base)))
+                fits.append((_rank_key(m), e2e, Choice(m, w, pred, base, "pinned" if pinned else "best", warning)))
             elif best_verdict is None or verdict.violation < best_verdict.violation:
                 best_verdict = verdict
         if best_verdict is not None and not any(c.member.name == m.name for _, _, c in fits):
@@ -179,7 +175,7 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers.sort(key=lambda w: w.load())
         for w in workers:
             pred, base = _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live, devices=family.registry.devices)
-            out.append(Choice(m, w, pred, "best_effort", warning, base))
+            out.append(Choice(m, w, pred, base, "best_effort", warning))
     return out
 
 
