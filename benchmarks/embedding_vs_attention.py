@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--allocation", choices=("allocated", "sensitivity"), default="allocated", help="rank allocation for attention and all")
     args = ap.parse_args()
     places = args.places.split(",")
+    if unknown := sorted(set(places) - {"embedding", "attention", "all"}):
+        ap.error(f"--places: unknown {', '.join(unknown)} (give embedding, attention and/or all)")
     parent_dir = Path(args.parent)
     parent, tok = load_parent(parent_dir)
     P = count_parameters(parent)
