@@ -3,6 +3,7 @@
 
     python benchmarks/plrd_recipes.py --parent runs/parent-smollm2-135m \
         --default-family runs/family-smollm2-135m --json runs/bench/plrd_recipes.json
+    python benchmarks/plrd_recipes.py --rows refit,width-refit --json runs/bench/plrd_recipes_width.json
 
 Columns: chat agreement (teacher-forced top-1 on the parent's greedy answers to the 48 held-out chat
 prompts), chat KL, held-out plain-text perplexity relative to the parent (family/data/heldout.txt:
@@ -10,18 +11,22 @@ never used for calibration or healing), degenerate greedy answers out of 48, the
 the wall time of making each member. Rows:
 - `WikiText LM loss (old default)`: whitened SVD calibrated on WikiText-2 valid, 20k tokens of LM-loss
   healing on it per member, progressive (the default before this change; needs ../shared);
-- `whitened SVD`: calibrated on the parent's own corpus, no training;
+- `whitened SVD`: calibrated on the parent's own corpus, ranks by `--allocation` (the default's), no training;
 - `+ sequential refit`: the same ranks, every projection refit to the parent layer by layer;
+- `width pruning`: no low rank; every MLP keeps its highest-scoring neurons (plrd/width.py), no training;
+- `width + refit`: the same neurons, every projection refit to the parent layer by layer;
 - `+ KD on parent data`: the default recipe (`family build` defaults: refit, then distillation from
   the parent on its corpus, progressive). With --default-family the members that
-  `scripts/run_default.sh` built are measured (same recipe, same budget), else they are built here.
-The parent's corpus is made once (cached); its time is reported apart.
+  `scripts/run_default.sh` built are measured (same recipe, same budget), else they are built here;
+- `width + refit + KD`: with --width-family, the members of a `family build --method width` family.
+`--rows` picks rows (old, svd, refit, width, width-refit, kd, width-kd; default: those of the original
+table). The no-training rows are each cut from the parent, the others progressively. The parent's
+corpus is made once (cached); its time is reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -46,6 +51,10 @@ from plrd.factorize import count_parameters, factorize, spectra
 from plrd.heal import HealConfig
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
+from plrd.sensitivity import output_sensitivity
+from plrd.width import parent_neurons, prune_width, refit_rows, width_for
+
+ROWS = ("old", "svd", "refit", "width", "width-refit", "kd", "width-kd")
 
 
 def main() -> None:
@@ -56,11 +65,21 @@ def main() -> None:
     ap.add_argument("--heal-tokens", type=int, default=20_000, help="KD row when built here: training tokens per member")
     ap.add_argument("--old-heal-tokens", type=int, default=20_000, help="the old default's LM-loss healing tokens per member")
     ap.add_argument("--skip-old", action="store_true", help="leave out the WikiText row (it needs ../shared)")
+    ap.add_argument("--rows", default="old,svd,refit,kd", help=f"which rows: {', '.join(ROWS)}")
+    ap.add_argument("--allocation", default=defaults.ALLOCATION, choices=("allocated", "sensitivity", "uniform"), help="ranks of the SVD rows")
+    ap.add_argument("--width-family", type=Path, default=None, help="the width-kd row: a family built with `family build --method width`")
     ap.add_argument("--work", type=Path, default=Path("runs/bench/recipes"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     command = shlex.join(["python", *sys.argv])
     targets = [float(t) for t in args.targets.split(",")]
+    wanted = set(args.rows.split(","))
+    if unknown := sorted(wanted - set(ROWS)):
+        ap.error(f"--rows: unknown {', '.join(unknown)} (give {', '.join(ROWS)})")
+    if args.skip_old:
+        wanted.discard("old")
+    if "width-kd" in wanted and not args.width_family:
+        ap.error("--rows width-kd needs --width-family (a family built with `family build --method width`)")
 
     parent_dir = Path(args.parent)
     parent, tok = load_parent(parent_dir)
@@ -99,7 +118,7 @@ def main() -> None:
             record(recipe, prov["target"], member, prov["healing"].get("tokens") or 0, prov["wall_s"])
 
     # The old default: WikiText calibration and LM-loss healing, progressive.
-    if not args.skip_old:
+    if "old" in wanted:
         old = args.work / "old-wikitext"
         build_family(BuildConfig(
             parent=parent_dir, targets=targets, calib=str(defaults.WIKITEXT_VALID), out=old, name="old", init="svd",
@@ -108,32 +127,50 @@ def main() -> None:
         ))
         from_disk(old, "WikiText LM loss (old default)")
 
-    # Whitened SVD and + refit, each from the parent (no training, so nothing to progress from).
+    # Whitened SVD / width pruning, and each + refit, cut from the parent (no training, nothing to progress from).
     t_spec = time.perf_counter()
-    grams = collect_grams(parent, calib)
-    specs = spectra(parent, grams)
+    grams = collect_grams(parent, calib) if wanted & {"svd", "refit", "width", "width-refit"} else None
+    grams_s = time.perf_counter() - t_spec
+    if wanted & {"svd", "refit"}:
+        t_spec = time.perf_counter()
+        specs = spectra(parent, grams)
+        sensitivity = output_sensitivity(parent, calib[:16]) if args.allocation == "sensitivity" else None
+        shared_s = grams_s + time.perf_counter() - t_spec
+        for target in targets:
+            t = time.perf_counter()
+            member = factorize(parent, target, P, grams=None, specs=specs, allocation=args.allocation, sensitivity=sensitivity, progress=False)
+            cut_s = shared_s + time.perf_counter() - t
+            if "svd" in wanted:
+                record("whitened SVD", target, member, 0, cut_s)
+            if "refit" in wanted:
+                t = time.perf_counter()
+                sequential_refit(parent, member, calib)
+                record("+ sequential refit", target, member, 0, cut_s + time.perf_counter() - t)
+    if wanted & {"width", "width-refit"}:
+        for target in targets:
+            t = time.perf_counter()
+            member, neurons = prune_width(parent, width_for(parent, target, P), grams, parent_neurons(parent))
+            cut_s = grams_s + time.perf_counter() - t
+            if "width" in wanted:
+                record("width pruning", target, member, 0, cut_s)
+            if "width-refit" in wanted:
+                t = time.perf_counter()
+                sequential_refit(parent, member, calib, output_rows=refit_rows(neurons))
+                record("width + refit", target, member, 0, cut_s + time.perf_counter() - t)
     del grams
-    shared_s = time.perf_counter() - t_spec
-    for target in targets:
-        t = time.perf_counter()
-        member = factorize(parent, target, P, grams=None, specs=specs, progress=False)
-        record("whitened SVD", target, member, 0, shared_s + time.perf_counter() - t)
-        t = time.perf_counter()
-        refit = copy.deepcopy(member)
-        sequential_refit(parent, refit, calib)
-        record("+ sequential refit", target, refit, 0, shared_s + time.perf_counter() - t)
 
-    # The default recipe.
-    if args.default_family:
-        from_disk(args.default_family, "+ KD on parent data (default)")
-    else:
-        kd = args.work / "kd"
-        build_family(BuildConfig(
-            parent=parent_dir, targets=targets, calib="parent", out=kd, name="kd",
-            heal=HealConfig(tokens=args.heal_tokens, seq_len=256, distill_weight=1.0),  # `family build`'s defaults
-            command=command,
-        ))
-        from_disk(kd, "+ KD on parent data (default)")
+    # The default recipe, and the width family.
+    if "width-kd" in wanted:
+        from_disk(args.width_family, "width + refit + KD")
+    if "kd" in wanted:
+        kd = args.default_family or args.work / "kd"
+        if not args.default_family:
+            build_family(BuildConfig(
+                parent=parent_dir, targets=targets, calib="parent", out=kd, name="kd",
+                heal=HealConfig(tokens=args.heal_tokens, seq_len=256, distill_weight=1.0),  # `family build`'s defaults
+                method="whitened", command=command,
+            ))
+        from_disk(kd, "+ KD on parent data (SVD)")
 
     result = {
         "command": command, "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),

@@ -40,6 +40,10 @@ CALIB_SEQUENCES = 64
 # matrix's output energy: on SmolLM2-135M at 0.9, refit start, chat agreement 0.58 → 0.65, KL 1.13 →
 # 0.72, held-out perplexity 3.2× → 2.2× the parent (benchmarks/kd_scaling.py --allocation both).
 ALLOCATION = "sensitivity"
+# How members are cut (plrd/build.py METHODS): MLP width pruning (plrd/width.py) beat sensitivity-allocated
+# whitened SVD at every size of the default family, same refit and distillation (chat agreement
+# 0.678 / 0.602 / 0.516 against 0.649 / 0.562 / 0.434 at 0.9 / 0.8 / 0.7; README, "Width pruning").
+METHOD = "width"
 CALIB_SEQ_LEN = 256
 
 # The registry file at the root of a family folder.

@@ -22,6 +22,12 @@ _WORD = re.compile(r"\S+")
 _EDGE_PUNCT = "\"'`.,;:!?()[]{}<>*_-"
 
 MAX_RUN = 6  # the same word this many times in a row is a loop, not emphasis ("very very very" is 3)
+# A phrase of 2..MAX_PERIOD words said PHRASE_REPEATS times in a row, covering at least MIN_LOOP_WORDS
+# words ("a lone leaf stands alone, a lone leaf stands alone, ..."): the commonest failure of a
+# compressed member at temperature 0, and one the parent shows too, on a prompt or two.
+PHRASE_REPEATS = 4
+MAX_PERIOD = 16
+MIN_LOOP_WORDS = 12
 MIN_WORDS_FOR_VARIETY = 12  # texts this long need more than VARIETY_DISTINCT distinct words
 VARIETY_DISTINCT = 3
 MIN_CHARS_FOR_SYMBOLS = 20  # below this, a symbol-heavy answer ("4 + 4 = 8") is too short to judge
@@ -50,6 +56,8 @@ def degenerate_reason(text: str) -> str | None:
     run_word, run = _longest_run(words)
     if run >= MAX_RUN:
         return f"{run_word!r} repeated {run} times in a row"
+    if loop := _phrase_loop(words):
+        return loop
     if len(words) >= MIN_WORDS_FOR_VARIETY and len(set(words)) <= VARIETY_DISTINCT:
         return f"{len(words)} words but only {len(set(words))} distinct"
     visible = [c for c in text if not c.isspace()]
@@ -84,3 +92,16 @@ def _longest_run(words: list[str]) -> tuple[str, int]:
         if n > best_n and any(c.isalnum() for c in w):
             best, best_n = w, n
     return best, best_n
+
+
+def _phrase_loop(words: list[str]) -> str | None:
+    """A phrase of p ≥ 2 words repeated PHRASE_REPEATS times back to back: p·(PHRASE_REPEATS − 1) words
+    in a row each equal to the word p before it. The phrase must hold a letter or digit (a wide
+    markdown table's `| --- |` cells repeat too)."""
+    for p in range(2, MAX_PERIOD + 1):
+        run = 0
+        for i in range(p, len(words)):
+            run = run + 1 if words[i] == words[i - p] else 0
+            if run >= max((PHRASE_REPEATS - 1) * p, MIN_LOOP_WORDS) and any(c.isalnum() for w in words[i - p + 1 : i + 1] for c in w):
+                return f"a {p}-word phrase repeated {run // p + 1} times in a row"
+    return None

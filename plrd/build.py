@@ -1,7 +1,9 @@
-"""Progression: factorize → refit → heal → save a member → factorize that member at a lower target → …
+"""Progression: cut → refit → heal → save a member → cut that member to a lower target → …
 
-Each member is cut from the previous (healed) one, as in the PLRD paper: its ranks come from the
-whitened spectra of the previous member. With `init="refit"` (the default) every projection is then
+Each member is cut from the previous (healed) one, as in the PLRD paper. How it is cut is the method:
+`width` (the default) keeps the highest-scoring neurons of every MLP of the previous member
+(plrd/width.py); `whitened` / `plain` factor every projection at ranks from the previous member's
+(whitened) spectra (plrd/factorize.py). With `init="refit"` (the default) every projection is then
 refit, layer by layer, to the *parent's* outputs (plrd/refit.py), and healing distils from the parent
 too, so errors do not compound down the family: every member is anchored to the parent.
 
@@ -35,11 +37,14 @@ from family.storage import atomic_dir, atomic_write_text
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
-from plrd.factorize import Allocation, Method, count_parameters, factorize
+from plrd.factorize import Allocation, count_parameters, factorize
 from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
+from plrd.width import parent_neurons, prune_width, read_neurons, refit_rows, width_for, write_neurons
+
+METHODS = ("whitened", "plain", "width")
 
 PROVENANCE = "provenance.json"
 
@@ -52,7 +57,7 @@ class BuildConfig:
     out: Path
     name: str | None  # None: from the parent's folder name (see `default_family_name`)
     heal: HealConfig
-    method: Method = "whitened"
+    method: str = defaults.METHOD  # one of METHODS: whitened / plain SVD (plrd/factorize.py), or width: MLP neurons pruned (plrd/width.py)
     allocation: Allocation = defaults.ALLOCATION
     init: str = "refit"  # "refit": sequential closed-form refit to the parent; "svd": the truncated SVD alone
     calib_sequences: int = defaults.CALIB_SEQUENCES
@@ -124,6 +129,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         raise FamilyError("targets must be non-empty and strictly decreasing")
     if any(not 0.0 < t < 1.0 for t in cfg.targets):
         raise FamilyError(f"targets must be fractions of the parent's parameters in (0, 1), got {cfg.targets}")
+    if cfg.method not in METHODS:
+        raise FamilyError(f"unknown method {cfg.method!r} ({', '.join(METHODS)})")
     if cfg.init not in ("refit", "svd"):
         raise FamilyError(f"unknown init {cfg.init!r} (refit or svd)")
     name = cfg.name or default_family_name(cfg.parent)
@@ -164,24 +171,29 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     heal_rows = pack(ids, cfg.heal.seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
 
-    current, current_name, made = parent, parent_name(name), []
+    # `neurons`: which of the parent's MLP neurons each neuron of `current` is (the refit's targets).
+    current, current_name, made, neurons = parent, parent_name(name), [], parent_neurons(parent)
     for target in cfg.targets:
         this = member_name(name, target)
         member_dir = out / this
         if is_complete(member_dir):
             current = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
+            neurons = read_neurons(member_dir, current, parent)
             current_name = this
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
-        grams = collect_grams(current, calib, progress=progress) if cfg.method == "whitened" else None
-        sensitivity = output_sensitivity(current, calib[:16], progress=progress) if cfg.allocation == "sensitivity" else None
-        member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, sensitivity=sensitivity, progress=progress)
+        grams = collect_grams(current, calib, progress=progress) if cfg.method in ("whitened", "width") else None
+        if cfg.method == "width":
+            member, neurons = prune_width(current, width_for(current, target, parent_params), grams, neurons)
+        else:
+            sensitivity = output_sensitivity(current, calib[:16], progress=progress) if cfg.allocation == "sensitivity" else None
+            member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, sensitivity=sensitivity, progress=progress)
         del grams
         refit_s = None
         if cfg.init == "refit":
             t_refit = time.perf_counter()
-            sequential_refit(parent, member, calib, progress=progress)
+            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), progress=progress)
             refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
         if cfg.heal.tokens > 0:
@@ -196,11 +208,13 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         with atomic_dir(member_dir) as staging:
             member.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            if member.config.intermediate_size != parent.config.intermediate_size:
+                write_neurons(staging, neurons)
             _write_provenance(
                 staging,
                 {
-                    "method": f"plrd-{cfg.method}-svd",
-                    "allocation": cfg.allocation,
+                    "method": "width-pruning" if cfg.method == "width" else f"plrd-{cfg.method}-svd",
+                    "allocation": "uniform-width" if cfg.method == "width" else cfg.allocation,
                     "target": target,
                     "parameters": params,
                     "achieved_fraction": params / parent_params,

@@ -36,7 +36,7 @@ def build(
     corpus_prompts: int = typer.Option(0, min=0, help="with --calib parent: use the first N seed prompts (0 = all)"),
     out: Path = typer.Option(defaults.DEFAULT_FAMILY_DIR, help="family folder to write members and family.json to"),
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
-    method: str = typer.Option("whitened", help="whitened (activation-aware SVD) or plain (SVD of W)"),
+    method: str = typer.Option(defaults.METHOD, help="width (prune MLP neurons, the same number in every layer: dense members, no factors; --allocation does not apply), whitened (activation-aware SVD) or plain (SVD of W)"),
     allocation: str = typer.Option(defaults.ALLOCATION, help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(defaults.CALIB_SEQUENCES, help="calibration sequences"),
@@ -53,14 +53,14 @@ def build(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast while healing (default: where the hardware does bf16 natively)", show_default=False),
     seed: int = typer.Option(defaults.SEED),
 ) -> None:
-    """Build a family: factorize → refit → heal by distillation → save, each member cut from the previous one. Resumable."""
+    """Build a family: cut (MLP width or SVD) → refit → heal by distillation → save, each member cut from the previous one. Resumable."""
     from family.errors import FamilyError
-    from plrd.build import BuildConfig, build_family, parse_targets
+    from plrd.build import METHODS, BuildConfig, build_family, parse_targets
     from plrd.corpus import CorpusConfig
     from plrd.heal import HealConfig
 
-    if method not in ("whitened", "plain"):
-        raise FamilyError(f"--method must be whitened or plain, got {method!r}")
+    if method not in METHODS:
+        raise FamilyError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if allocation not in ("allocated", "sensitivity", "uniform"):
         raise FamilyError(f"--allocation must be allocated, sensitivity or uniform, got {allocation!r}")
     if train not in ("factors", "blocks", "all"):

@@ -87,10 +87,11 @@ def _parent_pass(layer: nn.Module, chunks: list[torch.Tensor], kwargs: list[dict
 
 
 def _grams(xc: list[torch.Tensor], xp: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X_cᵀX_c, X_pᵀX_c) in float64, accumulated chunk by chunk."""
+    """(X_cᵀX_c, X_pᵀX_c) in float64, accumulated chunk by chunk. The member's input may be narrower
+    than the parent's (a width-pruned MLP: down_proj reads fewer neurons)."""
     d = xc[0].shape[1]
     G = torch.zeros(d, d, dtype=torch.float64)
-    C = torch.zeros(d, d, dtype=torch.float64)
+    C = torch.zeros(xp[0].shape[1], d, dtype=torch.float64)
     for c, p in zip(xc, xp):  # float32 products per chunk (10x faster than float64), float64 sums
         G += (c.T @ c).double()
         C += (p.T @ c).double()
@@ -142,10 +143,13 @@ def refine_block(layer: nn.Module, h_c: list[torch.Tensor], target: list[torch.T
 @torch.no_grad()
 def sequential_refit(
     parent: nn.Module, member: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, damping: float = 1e-2, dense: bool = True,
-    refine_epochs: int = 0, refine_lr: float = 1e-4, progress: bool = True,
+    refine_epochs: int = 0, refine_lr: float = 1e-4, output_rows: dict[str, torch.Tensor] | None = None, progress: bool = True,
 ) -> dict[str, float]:
     """Refit every projection of `member` (in place; its ranks are kept) to `parent`, layer by layer,
-    on calibration `rows` (N × L token ids). Returns module path → relative truncation error."""
+    on calibration `rows` (N × L token ids). A projection with fewer outputs than the parent's (a
+    width-pruned gate/up) reproduces the parent's rows `output_rows[path]`. Returns module path →
+    relative truncation error."""
+    output_rows = output_rows or {}
     parent.eval()
     member.eval()
     chunks = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
@@ -165,8 +169,10 @@ def sequential_refit(
             G, C = _grams(xc, xp_all[stage[0]])
             del xc
             for path in stage:
+                name = f"model.layers.{i}.{path}"
                 W = lp.get_submodule(path).weight.detach()
-                errors[f"model.layers.{i}.{path}"] = refit_projection(lc.get_submodule(path), W, G, C, damping, dense)
+                W = W[output_rows[name]] if name in output_rows else W
+                errors[name] = refit_projection(lc.get_submodule(path), W, G, C, damping, dense)
         del xp_all
         if refine_epochs > 0:
             refine_block(lc, h_c, h_p, kwargs, epochs=refine_epochs, lr=refine_lr)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default in one command, on a fresh machine (CPU is enough):
 #   set up .venv -> fetch the real SmolLM2-135M parent -> the parent answers the shipped chat prompts
-#   (its distillation corpus) -> build a small low-rank family (PLRD: whitened SVD, sequential refit to
-#   the parent, distillation from the parent) -> evaluate its faithfulness to the parent on held-out
+#   (its distillation corpus) -> build a small family (each member's MLPs pruned to fewer neurons,
+#   sequential refit to the parent, distillation from the parent) -> evaluate its faithfulness to the parent on held-out
 #   chat -> profile it on this machine -> serve it behind the budget-routing gateway.
 # Nothing outside this repository is needed (no ../shared): every text it uses ships in family/data.
 #
@@ -41,7 +41,7 @@ if [ ! -f "$PARENT_DIR/config.json" ]; then
   family fetch-base smollm2-135m --out "$PARENT_DIR"
 fi
 
-step "build the family: the parent's own corpus, whitened SVD, refit, distillation from the parent -> $FAMILY_DIR (resumable)"
+step "build the family: the parent's own corpus, MLP width pruning, refit, distillation from the parent -> $FAMILY_DIR (resumable)"
 family build --parent "$PARENT_DIR" --out "$FAMILY_DIR" ${TARGETS:+--targets "$TARGETS"} \
   ${HEAL_TOKENS:+--heal-tokens "$HEAL_TOKENS"} ${CALIB_SEQUENCES:+--calib-sequences "$CALIB_SEQUENCES"}
 

@@ -12,7 +12,7 @@ def tiny_family_dir(tiny_parent_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-family")
     build_family(
         BuildConfig(parent=tiny_parent_dir, targets=[0.8, 0.6], calib=str(defaults.WIKITEXT_VALID), out=out, name="tiny",
-                    heal=HealConfig(tokens=0), calib_sequences=8, calib_seq_len=128, command="test"),
+                    heal=HealConfig(tokens=0), method="whitened", calib_sequences=8, calib_seq_len=128, command="test"),
         progress=False,
     )
     return out

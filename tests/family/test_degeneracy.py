@@ -24,6 +24,11 @@ DEGENERATE = {
     "empty": ("", "empty"),
     "whitespace": ("  \t \n ", "empty"),
     "punctuation soup": (". , . ; ( ) . , . . ; : - . , ( ) . , ; a", "symbols"),
+    # Phrase loops, as compressed members answered at temperature 0:
+    "a line looping": ("In the autumn, a lone leaf stands alone,\n" + "A lone leaf stands alone,\n" * 4, "5-word phrase repeated"),
+    "a sentence looping": ("I'm so glad you're so happy to have you visit me. " * 4, "11-word phrase repeated 4 times"),
+    "a query looping": ("SELECT * FROM users WHERE users_id = 1;\n\n" * 4, "phrase repeated"),
+    "a two-word loop": ("In the heart of the cat lies love. " + "A cat, " * 8, "2-word phrase repeated"),
 }
 
 NORMAL = {
@@ -44,6 +49,11 @@ NORMAL = {
     "a markdown table": "| Fruit | Colour |\n| --- | --- |\n| Apple | Red |\n| Pear | Green |",
     "an equation": "E = mc^2, where c is the speed of light.",
     "trailing newline": "Yes, it is.\n",
+    "a chorus twice": "We will, we will rock you. We will, we will rock you.",
+    "a phrase three times in a row": "Practice, practice, practice: that is how you get to Carnegie Hall, my friend, and nothing else.",
+    "a list with a repeated stem": "- Drink water.\n- Drink tea.\n- Drink milk.\n- Drink juice.\n- Drink soup.",
+    "a wide markdown table": "| Day | Mon | Tue | Wed | Thu | Fri | Sat |\n| --- | --- | --- | --- | --- | --- | --- |\n| Rain | none | light | none | heavy | none | light |",
+    "three steps that start alike": "Step 1: mix the flour. Step 2: add the eggs. Step 3: bake for twenty minutes. Step 4: let it cool.",
 }
 
 

@@ -22,12 +22,22 @@ from tests.server.conftest import free_port
 PROMPTS = ["The capital of France is", "Once upon a time, there was", "The river flows through", "In 1999, the company"]
 
 
-def exact_svd_member(parent_dir, out, ranks: dict[str, int | None]):
+def exact_svd_member(parent_dir, out, ranks: dict[str, int | None], width: int | None = None):
     """A low-rank member of the parent at `ranks` by exact truncated SVD (B = U·S, A = Vh); rank None
-    means full rank (the same function as the parent, as two matmuls). Saved with the tokenizer."""
+    means full rank (the same function as the parent, as two matmuls). With `width`, every MLP first
+    keeps only its first `width` neurons (a narrower intermediate size, as `--method width` makes).
+    Saved with the tokenizer."""
     from family.lowrank import LowRankLlamaForCausalLM, lowrank_config_from
 
     parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32).eval()
+    if width:
+        with torch.no_grad():
+            for layer in parent.model.layers:
+                mlp = layer.mlp
+                mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight[:width].clone())
+                mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight[:width].clone())
+                mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :width].clone())
+        parent.config.intermediate_size = width
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # LAPACK threads spin on a busy machine
     factors = {}
@@ -50,15 +60,16 @@ def exact_svd_member(parent_dir, out, ranks: dict[str, int | None]):
 
 @pytest.fixture(scope="module")
 def real_member_dir(real_parent_dir, tmp_path_factory):
-    """A member of the real SmolLM2-135M: in layers 0-7 every projection factored (full rank in 0-5, the
-    MLP at half rank in 6-7) except two left dense (layer 0 q_proj, layer 1 down_proj); the rest dense.
-    So it covers factored q/k/v sharing one A matmul next to a dense one, factored o/down, dense layers."""
+    """A member of the real SmolLM2-135M with every MLP narrowed to 1280 of its 1536 neurons, and in
+    layers 0-7 every projection factored (full rank in 0-5, the MLP at rank 288 in 6-7) except two left
+    dense (layer 0 q_proj, layer 1 down_proj); the rest dense. So it covers factored q/k/v sharing one
+    A matmul next to a dense one, factored o/down, dense layers, and a width-pruned MLP."""
     ranks: dict[str, int | None] = {}
     for i in range(8):
         for proj in PROJECTIONS:
             ranks[f"model.layers.{i}.{proj}"] = 288 if i >= 6 and proj.startswith("mlp.") else None
     del ranks["model.layers.0.self_attn.q_proj"], ranks["model.layers.1.mlp.down_proj"]
-    return exact_svd_member(real_parent_dir, tmp_path_factory.mktemp("smol-lowrank"), ranks)
+    return exact_svd_member(real_parent_dir, tmp_path_factory.mktemp("smol-lowrank"), ranks, width=1280)
 
 
 def test_the_plugin_is_declared_and_registers_idempotently():

@@ -19,7 +19,7 @@ from plrd.heal import HealConfig
 def _config(parent, out, targets=(0.8, 0.6), heal_tokens=2048):
     return BuildConfig(
         parent=parent, targets=list(targets), calib=str(defaults.WIKITEXT_VALID), out=out, name="tiny",
-        heal=HealConfig(tokens=heal_tokens, seq_len=64, batch_size=2, grad_accum=1), calib_sequences=8,
+        heal=HealConfig(tokens=heal_tokens, seq_len=64, batch_size=2, grad_accum=1), method="whitened", calib_sequences=8,
         calib_seq_len=128, command="test",
     )
 

@@ -20,7 +20,7 @@ def test_a_real_member_at_080_is_on_target_reloads_generates_and_beats_plain_svd
     cfg = BuildConfig(
         parent=real_parent_dir, targets=[0.8], calib=str(defaults.WIKITEXT_VALID), out=tmp_path, name="smol",
         heal=HealConfig(tokens=2048, seq_len=128, batch_size=4, grad_accum=1, train="factors", lr=3e-4), calib_sequences=8,
-        calib_seq_len=512, init="svd", command="test",
+        calib_seq_len=512, init="svd", method="whitened", command="test",
     )
     [member_dir] = build_family(cfg, progress=False)
     family = load_family(tmp_path, verify="full")
