@@ -15,10 +15,12 @@ the wall time of making each member. Rows:
 - `+ sequential refit`: the same ranks, every projection refit to the parent layer by layer;
 - `width pruning`: no low rank; every MLP keeps its highest-scoring neurons (plrd/width.py), no training;
 - `width + refit`: the same neurons, every projection refit to the parent layer by layer;
-- `+ KD on parent data`: the default recipe (`family build` defaults: refit, then distillation from
-  the parent on its corpus, progressive). With --default-family the members that
-  `scripts/run_default.sh` built are measured (same recipe, same budget), else they are built here;
-- `width + refit + KD`: with --width-family, the members of a `family build --method width` family.
+- `+ KD on parent data (SVD)`: `family build --method whitened` with the other defaults (refit, then
+  distillation from the parent on its corpus, progressive). With --default-family the members of such
+  a family are measured (`scripts/run_default.sh` built one until width pruning became the default),
+  else they are built here;
+- `width + refit + KD`: with --width-family, the members of a `family build --method width` family
+  (today's `run_default.sh` family).
 `--rows` picks rows (old, svd, refit, width, width-refit, kd, width-kd; default: those of the original
 table). The no-training rows are each cut from the parent, the others progressively. The parent's
 corpus is made once (cached); its time is reported apart.
