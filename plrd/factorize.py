@@ -22,7 +22,6 @@ from tqdm import tqdm
 from family.errors import FamilyError
 from family.lowrank import LowRankLinear, LowRankLlamaForCausalLM, lowrank_config_from, projection_paths
 
-Method = Literal["whitened", "plain"]
 Allocation = Literal["sensitivity", "allocated", "uniform"]
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from family.errors import FamilyError
 from family.lowrank import LowRankLinear, LowRankLlamaForCausalLM, lowrank_config_from
 from family.storage import atomic_write_text
+from plrd.factorize import count_parameters
 
 NEURONS_FILE = "mlp_neurons.json"  # per layer, the parent's index of each of the member's MLP neurons
 
@@ -45,7 +46,7 @@ def width_for(model: nn.Module, target: float, parent_parameters: int) -> int:
     """The MLP width (the same in every layer) that brings `model` to `target` of the parent's parameters."""
     cfg = model.config
     per_neuron = 3 * cfg.hidden_size * cfg.num_hidden_layers
-    excess = sum(p.numel() for p in model.parameters()) - target * parent_parameters
+    excess = count_parameters(model) - target * parent_parameters
     width = cfg.intermediate_size - round(excess / per_neuron)
     if width < 1:
         raise FamilyError(f"target {target} is below what MLP width pruning alone can reach (it keeps attention and the embedding)")
