@@ -108,7 +108,10 @@ def read_neurons(member_dir: Path, model: nn.Module, parent: nn.Module) -> Neuro
         if model.config.intermediate_size != parent.config.intermediate_size:
             raise FamilyError(f"{member_dir}: the MLP is narrower than the parent's but {NEURONS_FILE} is missing")
         return parent_neurons(model)
-    neurons = [torch.tensor(index, dtype=torch.long) for index in json.loads(path.read_text())]
+    try:
+        neurons = [torch.tensor(index, dtype=torch.long) for index in json.loads(path.read_text())]
+    except (ValueError, TypeError) as e:  # not JSON, or not lists of integers
+        raise FamilyError(f"{path} is unreadable ({e}): rebuild this member") from None
     if len(neurons) != len(model.model.layers) or any(len(n) != layer.mlp.down_proj.in_features for n, layer in zip(neurons, model.model.layers)):
         raise FamilyError(f"{path} does not match the member's weights")
     return neurons

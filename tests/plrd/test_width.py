@@ -94,6 +94,10 @@ def test_recorded_neurons_round_trip_and_a_mismatch_is_refused(tiny, grams, tmp_
     write_neurons(tmp_path, [n[:-1] for n in neurons])
     with pytest.raises(FamilyError, match="does not match"):
         read_neurons(tmp_path, member, parent)
+    for junk in ("{not json", '[["a", "b"]]'):
+        (tmp_path / NEURONS_FILE).write_text(junk)
+        with pytest.raises(FamilyError, match="unreadable"):
+            read_neurons(tmp_path, member, parent)
 
 
 def test_a_low_rank_mlp_cannot_be_width_pruned(tiny, grams):
