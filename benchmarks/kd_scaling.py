@@ -1,8 +1,9 @@
 """What budget would close the faithfulness gap? One member, distilled from the parent in segments,
 measured after each (issue 10: "say what budget would close it").
 
-The member is cut from the parent at `--target` (whitened SVD on the parent's corpus, ranks by
-`--allocation`), refit to the parent layer by layer (plrd/refit.py), measured, then distilled from the
+The member is cut from the parent at `--target` (`--method whitened`: whitened SVD on the parent's
+corpus, ranks by `--allocation`; `--method width`, `family build`'s default: every MLP narrowed to its
+highest-scoring neurons, plrd/width.py), refit to the parent layer by layer (plrd/refit.py), measured, then distilled from the
 parent on its corpus (`family build`'s KD defaults) segment by segment: after each cumulative budget in
 `--budgets` it is measured again as `family eval` measures members (chat agreement and KL on the
 held-out chat prompts, degenerate greedy answers, held-out text perplexity relative to the parent).
@@ -11,6 +12,8 @@ segments summing to N give, close to but not the same as one run of N tokens.
 
     python benchmarks/kd_scaling.py --parent runs/parent-smollm2-135m --target 0.9 \
         --budgets 20000,60000,140000 --json runs/bench/kd_scaling-0.9.json
+    python benchmarks/kd_scaling.py --method width --target 0.9 --budgets 20000,60000,140000 \
+        --json runs/bench/kd_scaling-width-0.9.json
 
 With `--allocation both` the refit start is measured for `allocated` and `sensitivity` ranks side by
 side, and the better start is distilled.
@@ -41,12 +44,14 @@ from plrd.heal import HealConfig, heal
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
+from plrd.width import parent_neurons, prune_width, refit_rows, width_for
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parent", default=str(defaults.DEFAULT_PARENT_DIR))
     ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--method", default="whitened", choices=["whitened", "width"], help="how the member is cut")
     ap.add_argument("--allocation", default="allocated", choices=["allocated", "sensitivity", "uniform", "both"])
     ap.add_argument("--budgets", default="20000,60000,140000", help="cumulative distillation tokens at which to measure")
     ap.add_argument("--lr", type=float, default=HealConfig(tokens=0).lr)
@@ -90,10 +95,16 @@ def main() -> None:
         return c.agreement
 
     grams = collect_grams(parent, calib)
-    specs = spectra(parent, grams)
-    del grams
     starts = []
-    for allocation in (["allocated", "sensitivity"] if args.allocation == "both" else [args.allocation]):
+    if args.method == "width":
+        t = time.perf_counter()
+        member, neurons = prune_width(parent, width_for(parent, args.target, P), grams, parent_neurons(parent))
+        sequential_refit(parent, member, calib, output_rows=refit_rows(neurons))
+        starts.append((record("refit, width", member, 0, time.perf_counter() - t), "width", member))
+    specs = spectra(parent, grams) if args.method == "whitened" else None
+    del grams
+    allocations = ["allocated", "sensitivity"] if args.allocation == "both" else [args.allocation]
+    for allocation in allocations if args.method == "whitened" else []:
         t = time.perf_counter()
         sens = output_sensitivity(parent, calib[:16]) if allocation == "sensitivity" else None
         member = factorize(parent, args.target, P, grams=None, specs=specs, allocation=allocation, sensitivity=sens, progress=False)
@@ -110,9 +121,9 @@ def main() -> None:
         heal(member, torch.roll(rows_all, -offset, dims=0), replace(heal_cfg, tokens=seg, seed=done), teacher=parent)
         wall += time.perf_counter() - t
         done = budget
-        record(f"refit, {allocation} ranks", member, done, wall)
+        record("refit, width" if allocation == "width" else f"refit, {allocation} ranks", member, done, wall)
 
-    result = {"command": command, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "target": args.target,
+    result = {"command": command, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "target": args.target, "method": args.method,
               "corpus_tokens": corpus.meta["tokens"], "heal": {"lr": args.lr, "train": args.train, "hidden_weight": args.hidden_weight},
               "rows": rows, "complete": True}
     if args.json:

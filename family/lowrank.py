@@ -100,6 +100,19 @@ def lowrank_config_from(config: LlamaConfig, ranks: dict[str, int]) -> LowRankLl
     return out
 
 
+def llama_config_from(config: LlamaConfig) -> LlamaConfig:
+    """A plain Llama's config from a member's (one with no factored projection): transformers and vLLM
+    then serve it with their own Llama, whose fused q/k/v and gate/up matmuls the low-rank layers lack."""
+    if getattr(config, "ranks", None):
+        raise ValueError("a member with factored projections needs the low-rank architecture")
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "ranks", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    out = LlamaConfig(**fields)
+    out.architectures = ["LlamaForCausalLM"]
+    return out
+
+
 def is_supported_config(config: object) -> bool:
     return getattr(config, "model_type", None) in ("llama", MODEL_TYPE)
 

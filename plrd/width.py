@@ -5,8 +5,11 @@ Low rank on SmolLM2's near-square projections must drop many directions before i
 matrices), so a 0.9 member already throws away much of what every factored matrix does. Removing one
 intermediate neuron of an MLP (a row of gate and up, a column of down) saves 3·hidden parameters
 outright, and most neurons contribute little to the output on real inputs. Every layer keeps the
-same number of neurons, so a member is an ordinary Llama with a smaller `intermediate_size`
-(transformers and vLLM load it with no special layers).
+same number of neurons, so a member is an ordinary Llama with a smaller `intermediate_size`, saved as
+one (`LlamaForCausalLM`): transformers and vLLM serve it with their own Llama, fused q/k/v and gate/up
+matmuls included, and no plugin. (Per-layer widths from a global ranking of the neurons, by this score
+times the layer's output sensitivity or by a per-neuron Fisher score, were tried on SmolLM2-135M in a
+one-off experiment: after the refit they were further from the parent than the uniform width.)
 
 A neuron's score is the output energy it adds through down_proj on calibration data:
 ‖down[:, j]‖² · E[h_j²] (h: down_proj's input, whose Gram `collect_grams` already has). The kept
@@ -25,9 +28,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from family.errors import FamilyError
-from family.lowrank import LowRankLinear, LowRankLlamaForCausalLM, lowrank_config_from
+from family.lowrank import LowRankLinear, LowRankLlamaForCausalLM, llama_config_from, lowrank_config_from
 from family.storage import atomic_write_text
 from plrd.factorize import count_parameters
 
@@ -66,9 +70,9 @@ def neuron_scores(model: nn.Module, grams: dict[str, torch.Tensor]) -> list[torc
 
 
 @torch.no_grad()
-def prune_width(model: nn.Module, width: int, grams: dict[str, torch.Tensor], neurons: Neurons) -> tuple[LowRankLlamaForCausalLM, Neurons]:
+def prune_width(model: nn.Module, width: int, grams: dict[str, torch.Tensor], neurons: Neurons) -> tuple[LlamaForCausalLM, Neurons]:
     """`model` with every MLP narrowed to its `width` highest-scoring neurons (kept in their order),
-    and the parent's index of each kept neuron."""
+    and the parent's index of each kept neuron. A plain Llama unless `model` has factored projections."""
     scores = neuron_scores(model, grams)  # refuses low-rank MLPs
     if any(getattr(layer.mlp, p).bias is not None for layer in model.model.layers for p in ("gate_proj", "up_proj", "down_proj")):
         raise FamilyError("width pruning supports MLPs without biases (Llama's)")
@@ -81,9 +85,10 @@ def prune_width(model: nn.Module, width: int, grams: dict[str, torch.Tensor], ne
             state[f"{mlp}.{name}.weight"] = state[f"{mlp}.{name}.weight"][keep].contiguous()
         state[f"{mlp}.down_proj.weight"] = state[f"{mlp}.down_proj.weight"][:, keep].contiguous()
         kept_in_parent.append(parent_index[keep])
-    config = lowrank_config_from(model.config, getattr(model.config, "ranks", None) or {})
+    ranks = getattr(model.config, "ranks", None) or {}
+    config = lowrank_config_from(model.config, ranks) if ranks else llama_config_from(model.config)
     config.intermediate_size = width
-    member = LowRankLlamaForCausalLM(config).to(next(model.parameters()).dtype)
+    member = (LowRankLlamaForCausalLM if ranks else LlamaForCausalLM)(config).to(next(model.parameters()).dtype)
     member.load_state_dict(state, strict=True)
     if config.tie_word_embeddings:
         member.tie_weights()

@@ -129,8 +129,12 @@ def test_build_with_method_width_writes_narrow_dense_members_and_resumes_from_th
     n1, n2 = (json.loads((tmp_path / m / NEURONS_FILE).read_text()) for m in ("tiny-p85", "tiny-p70"))
     for name, neurons, target in (("tiny-p85", n1, 0.85), ("tiny-p70", n2, 0.7)):
         member = AutoModelForCausalLM.from_pretrained(tmp_path / name)
-        assert member.config.ranks == {} and member.config.intermediate_size < parent.config.intermediate_size
+        # A plain Llama on disk (vLLM and transformers serve it with their own Llama, no plugin).
+        assert member.config.model_type == "llama" and type(member).__name__ == "LlamaForCausalLM"
+        assert member.config.intermediate_size < parent.config.intermediate_size
         assert abs(count_parameters(member) / count_parameters(parent) - target) < 0.02
         assert [len(n) for n in neurons] == [member.config.intermediate_size] * member.config.num_hidden_layers
     assert all(set(b) <= set(a) for a, b in zip(n1, n2))
-    assert "mlp_neurons" not in json.dumps(json.loads((tmp_path / "family.json").read_text()))  # the registry stays small
+    registry = json.loads((tmp_path / "family.json").read_text())
+    assert "mlp_neurons" not in json.dumps(registry)  # the registry stays small
+    assert {m["architecture"] for m in registry["members"]} == {"LlamaForCausalLM"}
