@@ -95,22 +95,23 @@ def main() -> None:
         return c.agreement
 
     grams = collect_grams(parent, calib)
-    starts = []
+    starts = []  # (chat agreement, label, refit member) per start; the best is distilled
     if args.method == "width":
         t = time.perf_counter()
         member, neurons = prune_width(parent, width_for(parent, args.target, P), grams, parent_neurons(parent))
         sequential_refit(parent, member, calib, output_rows=refit_rows(neurons))
-        starts.append((record("refit, width", member, 0, time.perf_counter() - t), "width", member))
-    specs = spectra(parent, grams) if args.method == "whitened" else None
+        starts.append((record("refit, width", member, 0, time.perf_counter() - t), "refit, width", member))
+    else:
+        specs = spectra(parent, grams)
+        for allocation in ["allocated", "sensitivity"] if args.allocation == "both" else [args.allocation]:
+            t = time.perf_counter()
+            sens = output_sensitivity(parent, calib[:16]) if allocation == "sensitivity" else None
+            member = factorize(parent, args.target, P, grams=None, specs=specs, allocation=allocation, sensitivity=sens, progress=False)
+            sequential_refit(parent, member, calib)
+            label = f"refit, {allocation} ranks"
+            starts.append((record(label, member, 0, time.perf_counter() - t), label, member))
     del grams
-    allocations = ["allocated", "sensitivity"] if args.allocation == "both" else [args.allocation]
-    for allocation in allocations if args.method == "whitened" else []:
-        t = time.perf_counter()
-        sens = output_sensitivity(parent, calib[:16]) if allocation == "sensitivity" else None
-        member = factorize(parent, args.target, P, grams=None, specs=specs, allocation=allocation, sensitivity=sens, progress=False)
-        sequential_refit(parent, member, calib)
-        starts.append((record(f"refit, {allocation} ranks", member, 0, time.perf_counter() - t), allocation, member))
-    _, allocation, member = max(starts, key=lambda s: s[0])
+    _, label, member = max(starts, key=lambda s: s[0])
 
     done, wall = 0, 0.0
     for budget in budgets:
@@ -121,7 +122,7 @@ def main() -> None:
         heal(member, torch.roll(rows_all, -offset, dims=0), replace(heal_cfg, tokens=seg, seed=done), teacher=parent)
         wall += time.perf_counter() - t
         done = budget
-        record("refit, width" if allocation == "width" else f"refit, {allocation} ranks", member, done, wall)
+        record(label, member, done, wall)
 
     result = {"command": command, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "target": args.target, "method": args.method,
               "corpus_tokens": corpus.meta["tokens"], "heal": {"lr": args.lr, "train": args.train, "hidden_weight": args.hidden_weight},

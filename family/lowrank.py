@@ -90,12 +90,17 @@ class LowRankLlamaForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
-def lowrank_config_from(config: LlamaConfig, ranks: dict[str, int]) -> LowRankLlamaConfig:
-    """The config of a member: the parent's config (dense or low-rank) with new ranks."""
+def _config_fields(config: LlamaConfig) -> dict:
+    """A member's config as keyword arguments, without what names its architecture or its ranks."""
     fields = config.to_dict()
     for key in ("model_type", "architectures", "ranks", "transformers_version", "auto_map"):
         fields.pop(key, None)
-    out = LowRankLlamaConfig(**fields, ranks={k: int(v) for k, v in sorted(ranks.items())})
+    return fields
+
+
+def lowrank_config_from(config: LlamaConfig, ranks: dict[str, int]) -> LowRankLlamaConfig:
+    """The config of a member: the parent's config (dense or low-rank) with new ranks."""
+    out = LowRankLlamaConfig(**_config_fields(config), ranks={k: int(v) for k, v in sorted(ranks.items())})
     out.architectures = [ARCHITECTURE]
     return out
 
@@ -105,10 +110,7 @@ def llama_config_from(config: LlamaConfig) -> LlamaConfig:
     then serve it with their own Llama, whose fused q/k/v and gate/up matmuls the low-rank layers lack."""
     if getattr(config, "ranks", None):
         raise ValueError("a member with factored projections needs the low-rank architecture")
-    fields = config.to_dict()
-    for key in ("model_type", "architectures", "ranks", "transformers_version", "auto_map"):
-        fields.pop(key, None)
-    out = LlamaConfig(**fields)
+    out = LlamaConfig(**_config_fields(config))
     out.architectures = ["LlamaForCausalLM"]
     return out
 

@@ -86,9 +86,12 @@ def prune_width(model: nn.Module, width: int, grams: dict[str, torch.Tensor], ne
         state[f"{mlp}.down_proj.weight"] = state[f"{mlp}.down_proj.weight"][:, keep].contiguous()
         kept_in_parent.append(parent_index[keep])
     ranks = getattr(model.config, "ranks", None) or {}
-    config = lowrank_config_from(model.config, ranks) if ranks else llama_config_from(model.config)
+    if ranks:
+        config, cls = lowrank_config_from(model.config, ranks), LowRankLlamaForCausalLM
+    else:
+        config, cls = llama_config_from(model.config), LlamaForCausalLM
     config.intermediate_size = width
-    member = (LowRankLlamaForCausalLM if ranks else LlamaForCausalLM)(config).to(next(model.parameters()).dtype)
+    member = cls(config).to(next(model.parameters()).dtype)
     member.load_state_dict(state, strict=True)
     if config.tie_word_embeddings:
         member.tie_weights()
