@@ -35,12 +35,14 @@ import torch
 import family  # noqa: F401  (registers the low-rank architecture)
 from family import chat_eval, defaults
 from family.accuracy import perplexity
-from family.data import read_prompts
+from family.data import SEED_PROMPTS, read_prompts
+from family.generate import chat_prompt_ids
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import count_parameters, factorize, spectra
 from plrd.heal import HealConfig, heal
+from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
@@ -58,6 +60,9 @@ def main() -> None:
     ap.add_argument("--train", default=HealConfig(tokens=0).train, choices=["factors", "blocks", "all"])
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--corpus-samples", type=int, default=CorpusConfig().samples_per_prompt)
+    ap.add_argument("--on-policy-after", type=int, default=None,
+                    help="segments ending past this many tokens distil on the member's own answers (plrd/onpolicy.py), not the parent's corpus")
+    ap.add_argument("--rollout-temperature", type=float, default=OnPolicyConfig(tokens=0).temperature)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     command = shlex.join(["python", *sys.argv])
@@ -113,19 +118,26 @@ def main() -> None:
     del grams
     _, label, member = max(starts, key=lambda s: s[0])
 
+    seed_prompts = [chat_prompt_ids(tok, p.prompt) for p in read_prompts(SEED_PROMPTS)]
     done, wall = 0, 0.0
     for budget in budgets:
         seg = budget - done
         t = time.perf_counter()
-        # A different slice of the (shuffled) corpus per segment, so segments do not repeat the same rows.
-        offset = (done // heal_cfg.seq_len) % len(rows_all)
-        heal(member, torch.roll(rows_all, -offset, dims=0), replace(heal_cfg, tokens=seg, seed=done), teacher=parent)
+        if args.on_policy_after is not None and done >= args.on_policy_after:
+            on_cfg = OnPolicyConfig(tokens=seg, temperature=args.rollout_temperature, seed=done)
+            distill_on_policy(member, parent, tok, seed_prompts, on_cfg, heal_cfg)
+            label = f"{label.split(' +')[0]} + on-policy after {args.on_policy_after}"
+        else:
+            # A different slice of the (shuffled) corpus per segment, so segments do not repeat the same rows.
+            offset = (done // heal_cfg.seq_len) % len(rows_all)
+            heal(member, torch.roll(rows_all, -offset, dims=0), replace(heal_cfg, tokens=seg, seed=done), teacher=parent)
         wall += time.perf_counter() - t
         done = budget
         record(label, member, done, wall)
 
     result = {"command": command, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "target": args.target, "method": args.method,
               "corpus_tokens": corpus.meta["tokens"], "heal": {"lr": args.lr, "train": args.train, "hidden_weight": args.hidden_weight},
+              "on_policy_after": args.on_policy_after, "rollout_temperature": args.rollout_temperature,
               "rows": rows, "complete": True}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

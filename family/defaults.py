@@ -35,6 +35,7 @@ HEAL_BATCH = 4  # sequences per micro-batch
 HEAL_GRAD_ACCUM = 1  # distillation from a refit start wants many small steps, not few large ones
 HEAL_LR = 1e-4  # 3e-4 made the KL to the parent rise on SmolLM2-135M (0.60 → 1.22 in 4 steps); 1e-4 lowered it
 HEAL_TRAIN = "blocks"
+ON_POLICY_TOKENS = 0  # distillation tokens on the member's own answers, after the corpus (plrd/onpolicy.py)
 CALIB_SEQUENCES = 64
 # Ranks by each direction's measured effect on the loss (plrd/sensitivity.py), not by its share of its own
 # matrix's output energy: on SmolLM2-135M at 0.9, refit start, chat agreement 0.58 → 0.65, KL 1.13 →

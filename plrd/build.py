@@ -38,7 +38,10 @@ from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import Allocation, count_parameters, factorize
+from family.data import SEED_PROMPTS, read_prompts
+from family.generate import chat_prompt_ids
 from plrd.heal import HealConfig, heal
+from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
@@ -64,6 +67,7 @@ class BuildConfig:
     calib_seq_len: int = defaults.CALIB_SEQ_LEN
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
+    on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(tokens=defaults.ON_POLICY_TOKENS))  # after healing, from the parent
     runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
@@ -168,6 +172,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         ids = tokenize(tokenizer, source.text)
         data_record = {"source": source.spec, "sha256": source.sha256}
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
+    # On-policy distillation: the member answers the corpus's own seed prompts (never the held-out eval prompts).
+    seed_prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in read_prompts(SEED_PROMPTS)[: cfg.corpus.max_prompts]]
     heal_rows = pack(ids, cfg.heal.seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
 
@@ -199,6 +205,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         if cfg.heal.tokens > 0:
             teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
             heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress)
+        on_policy = distill_on_policy(member, parent, tokenizer, seed_prompts, cfg.on_policy, cfg.heal, progress=progress)
         params = count_parameters(member)
         if not state.is_main_process:
             state.wait_for_everyone()
@@ -230,6 +237,10 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                         "teacher": parent_name(name), "weight": cfg.heal.distill_weight, "temperature": cfg.heal.temperature,
                     } if cfg.heal.distill_weight > 0 and cfg.heal.tokens > 0 else None,
                     "final_heal_loss": heal_result.final_loss if heal_result else None,
+                    "on_policy": {
+                        **asdict(cfg.on_policy), "teacher": parent_name(name), "rounds": len(on_policy),
+                        "seconds": round(sum(r.seconds for r in on_policy), 1), "final_kl": on_policy[-1].final_loss,
+                    } if on_policy else None,
                     "seed": cfg.seed,
                     "started_at": started,
                     "finished_at": now_iso(),

@@ -30,6 +30,8 @@ def build(
     targets: str = typer.Option(defaults.TARGETS, help="fractions of the parent's parameters, strictly decreasing"),
     calib: str = typer.Option(defaults.CALIB_PARENT, help="calibration/healing data: 'parent' (the parent's own answers to the shipped prompts, cached under the runs folder), or text: file.txt, file.jsonl[:field] or hf:owner/name[/config][:split][#field]"),
     heal_tokens: int = typer.Option(defaults.HEAL_TOKENS, help="distillation/healing token budget per member (0 = no healing)"),
+    on_policy_tokens: int = typer.Option(defaults.ON_POLICY_TOKENS, min=0, help="after healing: distillation tokens on the member's own sampled answers to the seed prompts, graded by the parent (0 = none)"),
+    rollout_temperature: float = typer.Option(1.0, help="with --on-policy-tokens: sampling temperature of the member's answers (0: greedy)"),
     init: str = typer.Option("refit", help="refit (layer-by-layer closed-form refit of every projection to the parent) or svd (the truncated SVD alone)"),
     corpus_samples: int = typer.Option(1, min=1, help="with --calib parent: sampled answers per seed prompt"),
     corpus_answer_tokens: int = typer.Option(96, min=8, help="with --calib parent: most tokens per answer"),
@@ -58,6 +60,7 @@ def build(
     from plrd.build import METHODS, BuildConfig, build_family, parse_targets
     from plrd.corpus import CorpusConfig
     from plrd.heal import HealConfig
+    from plrd.onpolicy import OnPolicyConfig
 
     if method not in METHODS:
         raise FamilyError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -69,8 +72,8 @@ def build(
         raise FamilyError(f"--init must be refit or svd, got {init!r}")
     if heal_tokens < 0:
         raise FamilyError(f"--heal-tokens must be ≥ 0, got {heal_tokens}")
-    if not 0.0 <= distill_weight <= 1.0 or temperature <= 0:
-        raise FamilyError("--distill-weight must be in [0, 1] and --temperature > 0")
+    if not 0.0 <= distill_weight <= 1.0 or temperature <= 0 or rollout_temperature < 0:
+        raise FamilyError("--distill-weight must be in [0, 1], --temperature > 0 and --rollout-temperature >= 0")
     if min(calib_sequences, calib_seq_len, seq_len, batch_size, grad_accum) < 1 or lr <= 0:
         raise FamilyError("--calib-sequences, --calib-seq-len, --seq-len, --batch-size, --grad-accum must be ≥ 1 and --lr > 0")
     heal_cfg = HealConfig(
@@ -83,6 +86,7 @@ def build(
         parent=Path(parent) if Path(parent).exists() else parent, targets=parse_targets(targets), calib=calib, out=out,
         name=name or None, heal=heal_cfg, method=method, allocation=allocation, init=init, calib_sequences=calib_sequences,
         calib_field=calib_field or None, calib_seq_len=calib_seq_len, corpus=corpus, seed=seed,
+        on_policy=OnPolicyConfig(tokens=on_policy_tokens, max_new_tokens=corpus_answer_tokens, temperature=rollout_temperature, seed=seed),
     )
     for path in build_family(cfg):
         typer.echo(f"member ready: {path}")

@@ -120,7 +120,7 @@ def heal(
     rows = sequences[torch.arange(rows_needed) % len(sequences)]  # cycle the data if the budget exceeds it
     loader = torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, shuffle=False)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(cfg.warmup_frac * steps)), steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * steps), steps)  # no warm-up step when steps < 20: its lr would be 0
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if teacher is not None:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)

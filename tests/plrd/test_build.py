@@ -60,6 +60,7 @@ def test_provenance_records_how_each_member_was_made(built):
     assert prov["derived_from"] == "tiny-p100"
     assert prov["final_heal_loss"] > 0 and len(prov["healing"]["loss_curve"]) >= 1
     assert prov["distillation"] is None and prov["command"] == "test" and prov["wall_s"] > 0
+    assert prov["on_policy"] is None  # not asked for
     assert json.loads((members[1] / "provenance.json").read_text())["derived_from"] == "tiny-p80"
 
 
@@ -141,6 +142,7 @@ def test_the_cli_builds_a_distilled_member_named_after_the_parent_folder(tiny_pa
         "build", "--parent", str(tiny_parent_dir), "--targets", "0.8", "--out", str(tmp_path), "--heal-tokens", "512",
         "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1", "--calib-sequences", "4", "--calib-seq-len", "64",
         "--distill", "--distill-weight", "0.3", "--temperature", "2", "--calib", str(defaults.WIKITEXT_VALID),
+        "--on-policy-tokens", "256", "--corpus-answer-tokens", "16",
     ]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
@@ -148,6 +150,9 @@ def test_the_cli_builds_a_distilled_member_named_after_the_parent_folder(tiny_pa
     prov = json.loads((tmp_path / f"{family_name}-p80" / "provenance.json").read_text())
     assert prov["distillation"] == {"teacher": f"{family_name}-p100", "weight": 0.3, "temperature": 2.0}
     assert prov["healing"]["distill_weight"] == 0.3 and prov["final_heal_loss"] > 0
+    on_policy = prov["on_policy"]  # then distilled on its own answers, graded by the parent
+    assert on_policy["tokens"] == 256 and on_policy["rounds"] >= 1 and on_policy["teacher"] == f"{family_name}-p100"
+    assert on_policy["final_kl"] > 0 and on_policy["max_new_tokens"] == 16
 
 
 def test_build_needs_no_shared_data_its_default_data_is_the_parents_own(tiny_parent_dir, tmp_path):
