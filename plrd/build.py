@@ -5,7 +5,9 @@ Each member is cut from the previous (healed) one, as in the PLRD paper. How it 
 (plrd/width.py); `whitened` / `plain` factor every projection at ranks from the previous member's
 (whitened) spectra (plrd/factorize.py). With `init="refit"` (the default) every projection is then
 refit, layer by layer, to the *parent's* outputs (plrd/refit.py), and healing distils from the parent
-too, so errors do not compound down the family: every member is anchored to the parent.
+too, so errors do not compound down the family: every member is anchored to the parent. With
+`on_policy.tokens > 0` healing is followed by distillation on the member's own answers to the seed
+prompts (plrd/onpolicy.py; off by default: at the budgets measured here it did not pay, README).
 
 The data is the parent's own (`calib="parent"`, plrd/corpus.py): its answers to the shipped chat
 prompts and its continuations of the shipped text openers, made once and cached under the runs
@@ -31,15 +33,15 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from family import defaults
+from family.data import SEED_PROMPTS, read_prompts
 from family.errors import FamilyError
+from family.generate import chat_prompt_ids
 from family.registry import member_name, now_iso, parent_name, sync_family
 from family.storage import atomic_dir, atomic_write_text
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import Allocation, count_parameters, factorize
-from family.data import SEED_PROMPTS, read_prompts
-from family.generate import chat_prompt_ids
 from plrd.heal import HealConfig, heal
 from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
