@@ -175,7 +175,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         data_record = {"source": source.spec, "sha256": source.sha256}
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
     # On-policy distillation: the member answers the corpus's own seed prompts (never the held-out eval prompts).
-    seed_prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in read_prompts(SEED_PROMPTS)[: cfg.corpus.max_prompts]]
+    seed_prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in read_prompts(SEED_PROMPTS)[: cfg.corpus.max_prompts]] if cfg.on_policy.tokens > 0 else []
     heal_rows = pack(ids, cfg.heal.seq_len)
     heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
 
