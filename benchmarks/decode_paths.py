@@ -3,14 +3,15 @@ ran before issue 11) against its new one (server.decoder: static cache, stacked 
 chosen by measurement), for the parent and members, side by side in one process and one run.
 
     python benchmarks/decode_paths.py --models runs/parent-smollm2-135m,runs/speed-family/<member> \
-        --tokens 64 --repeats 5 [--concurrency 1,16] [--paths old,new,new-factored,new-dense,new-bf16] [--compile]
+        --tokens 64 --repeats 5 [--concurrency 1,16] [--paths old,new,new-factored,new-dense,new-bf16,new-aten,new-onednn] [--compile]
 
 Why in-process and interleaved: on a shared 2-core machine only ratios measured side by side mean
 anything, so every (model, path) is timed once per round, round after round, and the table reports
 medians and the ratios that matter: new/old per model, and member/parent per path next to the
 parent/member weight-bytes ratio a memory-bound decoder should approach; also CPU time per step
 (process time, all threads), which others' load on the cores disturbs less than wall time does. Greedy decoding of --tokens
-tokens after a short prompt (no eos stop); c rows decode the same prompt together. The first path is
+tokens after a short prompt (no eos stop); c rows decode the same prompt together. `new` chooses
+its matmul kernel by measurement at load, as the engine does; `new-aten` / `new-onednn` force one. The first path is
 also checked token for token against the others at c=1 (a faster path that answers differently is
 not a faster path). Through HTTP, `benchmarks/engine_speed.py --engines torch` serves the new path.
 """
@@ -65,12 +66,12 @@ class OldPath:
 
 
 class NewPath:
-    """server.decoder.StaticDecoder with a layout (measure, factored, dense) at a dtype."""
+    """server.decoder.StaticDecoder with a layout (measure, factored, dense) at a dtype, on a kernel."""
 
-    def __init__(self, model_dir: Path, policy: str, dtype: str, max_len: int, compile_: bool):
+    def __init__(self, model_dir: Path, policy: str, dtype: str, max_len: int, compile_: bool, kernel: str = "measure"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         t0 = time.perf_counter()
-        self.layout = plan_layout(model, dtype, policy)
+        self.layout = plan_layout(model, dtype, policy, kernel)
         self.layout_s = time.perf_counter() - t0
         self.decoder = StaticDecoder(model, self.layout, max_slots=16, max_len=max_len)
         self.compile_s = 0.0
@@ -90,9 +91,12 @@ class NewPath:
 def make(path: str, model_dir: Path, args) -> object:
     if path == "old":
         return OldPath(model_dir)
-    policy = {"new": "measure", "new-factored": "factored", "new-dense": "dense", "new-bf16": "measure", "new-auto": "measure"}[path]
+    policy = {"new-factored": "factored", "new-dense": "dense"}.get(path, "measure")
+    if path not in ("new", "new-factored", "new-dense", "new-bf16", "new-auto", "new-aten", "new-onednn"):
+        raise SystemExit(f"error: unknown path {path!r}")
     dtype = {"new-bf16": "bfloat16", "new-auto": "auto"}.get(path, "float32")
-    return NewPath(model_dir, policy, dtype, max_len=args.tokens + 64, compile_=args.compile and path.startswith("new"))
+    kernel = {"new-aten": "aten", "new-onednn": "onednn"}.get(path, "measure")
+    return NewPath(model_dir, policy, dtype, max_len=args.tokens + 64, compile_=args.compile and path.startswith("new"), kernel=kernel)
 
 
 def main() -> None:
@@ -165,7 +169,8 @@ def main() -> None:
           f"{platform.machine()} CPU with {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}.\n`{command}`\n\n{table}\n", flush=True)
     for (name, p), s in setup.items():
         if s["layout"]:
-            print(f"{name} {p}: load+layout {s['load_s']} s, {s['layout']['dtype']}, {s['layout']['projections']}")
+            print(f"{name} {p}: load+layout {s['load_s']} s, {s['layout']['dtype']}, {s['layout']['projections']}, "
+                  f"kernel {s['layout']['kernel']} {s['layout']['kernel_timings_us']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"command": command, "table": table, "rates": {"|".join(map(str, k)): v for k, v in rates.items()},
                                      "cpu_ms_per_step": {"|".join(map(str, k)): v for k, v in cpu.items()},

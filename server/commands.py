@@ -51,6 +51,8 @@ def worker(
     threads: int = typer.Option(0, help="torch engine: CPU threads for matmuls (0 = torch's default, one per core)"),
     layout: str = typer.Option("measure", help="torch engine: measure (each projection dense or factored, whichever is faster "
                                                "here), factored (as built) or dense (merged back)"),
+    kernel: str = typer.Option("measure", help="torch engine: matmul kernel, measure (the faster here of aten and oneDNN on "
+                                               "prepacked weights), aten or onednn"),
 ) -> None:
     """Start one OpenAI-compatible worker for one member, or (torch) for several sharing one engine."""
     from family.errors import FamilyError
@@ -60,6 +62,10 @@ def worker(
         raise FamilyError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
     if threads < 0:
         raise FamilyError(f"--threads must be 0 (default) or positive, got {threads}")
+    if layout not in ("measure", "factored", "dense"):
+        raise FamilyError(f"--layout must be measure, factored or dense, got {layout!r}")
+    if kernel not in ("measure", "aten", "onednn"):
+        raise FamilyError(f"--kernel must be measure, aten or onednn, got {kernel!r}")
     if engine == "vllm":
         if threads:
             raise FamilyError("--threads is for the torch engine; vLLM-CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND)")
@@ -83,7 +89,8 @@ def worker(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if threads:
             torch.set_num_threads(threads)
-        app = create_app(members, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype, layout=layout)
+        app = create_app(members, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting, dtype=dtype, layout=layout,
+                         kernel=kernel)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     else:
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")

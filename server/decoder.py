@@ -11,7 +11,9 @@ attention over its own keys (no padding ever reaches a row's attention).
 
 Projections follow a `Layout` (server.layout): the projections reading one input (q/k/v; gate/up)
 are one stacked matmul whose rows are the dense weights of the merged ones and the A factors of the
-factored ones, then each factored one's B; o and down are one matmul dense or two factored. Norms,
+factored ones, then each factored one's B; o and down are one matmul dense or two factored. Every
+one runs on the layout's kernel (server.kernels: aten, or oneDNN on weights reordered at load), and
+the tied LM head in the layout's measured call form (server.layout.HEADS). Norms,
 the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
 
 Not compiled: torch.compile (inductor, C++ codegen) of the layer loop took 7 minutes for the 2-layer
@@ -27,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.layout import Form, Layout, Projection
+from server.kernels import Linear
+from server.layout import STAGES, Form, Layout, Projection, head_logits
 
 
 class Stage:
     """Projections of one shared input: one stacked first matmul, then a B matmul per factored one."""
 
-    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype):
+    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype, kernel: str = "aten"):
         firsts, biases, self.slices = [], [], []
         offset, has_bias = 0, any(p.bias is not None for p, _ in parts)
         for proj, form in parts:
@@ -44,17 +47,16 @@ class Stage:
             biases.append(bias if second is None and bias is not None else first.new_zeros(rows))
             b = None
             if second is not None:
-                b = (second.to(dtype).contiguous(), None if bias is None else bias.to(dtype))
+                b = Linear(second.to(dtype), None if bias is None else bias.to(dtype), kernel)
             self.slices.append((offset, offset + rows, b))
             offset += rows
-        self.weight = torch.cat(firsts).to(dtype).contiguous()
-        self.bias = torch.cat(biases).to(dtype) if has_bias else None
+        self.first = Linear(torch.cat(firsts).to(dtype), torch.cat(biases).to(dtype) if has_bias else None, kernel)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = F.linear(x, self.weight, self.bias)
+        h = self.first(x)
         if len(self.slices) == 1 and self.slices[0][2] is None:
             return [h]
-        return [h[..., a:b] if second is None else F.linear(h[..., a:b], *second) for a, b, second in self.slices]
+        return [h[..., a:b] if second is None else second(h[..., a:b]) for a, b, second in self.slices]
 
 
 class _Layer:
@@ -78,12 +80,9 @@ class StaticDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = []
         for i, hf_layer in enumerate(model.model.layers):
-            def stage(*names: str) -> Stage:
-                paths = [f"model.layers.{i}.{n}" for n in names]
-                return Stage([(Projection.of(model, p), layout.forms[p]) for p in paths], layout.dtype)
-
-            self.layers.append(_Layer(hf_layer, stage("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                      stage("self_attn.o_proj"), stage("mlp.gate_proj", "mlp.up_proj"), stage("mlp.down_proj")))
+            stages = [Stage([(Projection.of(model, f"model.layers.{i}.{n}"), layout.forms[f"model.layers.{i}.{n}"]) for n in names],
+                            layout.dtype, layout.kernel) for names in STAGES]
+            self.layers.append(_Layer(hf_layer, *stages))
         self.max_slots, self.max_len, self.min_width = max_slots, max_len, min_width
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -176,7 +175,7 @@ class StaticDecoder:
         return x
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(last_hidden), self.lm_head).float()
+        return head_logits(self.norm(last_hidden), self.lm_head, self.layout.head).float()
 
 
 def _pow2(n: int) -> int:

@@ -91,12 +91,12 @@ class Member:
     """One served member: its tokenizer, decoder and layout, its waiting queue and running rows."""
 
     def __init__(self, name: str, member_dir: Path, *, max_model_len: int, max_batch: int, max_waiting: int,
-                 dtype: str, layout: str):
+                 dtype: str, layout: str, kernel: str = "measure"):
         self.name, self.dir = name, Path(member_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(member_dir)
         model = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype]).eval()
         started = time.perf_counter()
-        self.layout: Layout = plan_layout(model, dtype, layout)
+        self.layout: Layout = plan_layout(model, dtype, layout, kernel)
         self.layout_seconds = time.perf_counter() - started
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
@@ -109,8 +109,8 @@ class Member:
         self.rows: list[GenRequest] = []  # rows[i] decodes in cache slot i
         self.stats = EngineStats()
         record = self.layout.record()
-        log.info("member %s served as %s, projections %s (layout chosen in %.1f s)", name, record["dtype"],
-                 record["projections"], self.layout_seconds)
+        log.info("member %s served as %s on %s, projections %s (layout chosen in %.1f s)", name, record["dtype"],
+                 record["kernel"], record["projections"], self.layout_seconds)
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -141,14 +141,16 @@ class TorchEngine:
         max_waiting: int = 64,
         dtype: str = "float32",
         layout: str = "measure",
+        kernel: str = "measure",
         observer: Observer | None = None,
     ):
         """`members`: served name → member folder. `dtype`: float32, bfloat16, float16 or auto (measured).
-        `layout`: measure (each projection dense or factored, whichever is faster here), factored or dense."""
+        `layout`: measure (each projection dense or factored, whichever is faster here), factored or dense.
+        `kernel`: measure (aten or oneDNN, whichever runs the member's matmuls faster here), aten or onednn."""
         if not members:
             raise ValueError("an engine serves at least one member")
         self.members = {name: Member(name, Path(d), max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting,
-                                     dtype=dtype, layout=layout) for name, d in members.items()}
+                                     dtype=dtype, layout=layout, kernel=kernel) for name, d in members.items()}
         self.max_model_len = max_model_len
         self.max_batch = max_batch
         self.observer = observer

@@ -9,7 +9,9 @@ default CPU path on this project's machine. None of this is predictable from the
 (dense, factor pair, factor pair at a rank padded up to PAD_MULTIPLE with zeros: exact) with its
 weights read from memory as a decode step reads them (cycling over copies larger than the cache: a
 cache-hot timing favoured whatever computes fastest, not what reads least), keeps the fastest, and
-picks the dtype by timing one decoder layer's projections in each. The choice is
+picks the dtype by timing one decoder layer's projections in each, then the matmul kernel
+(server.kernels: aten or oneDNN on prepacked weights) by timing that layer's matmuls as served, at
+batch 1 and 16, and how the tied LM head multiplies (`choose_head`). The choice is
 recorded (`Layout.record()`), served by the worker at /v1/models and /health, and logged.
 """
 
@@ -23,11 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from family.lowrank import PROJECTIONS, LowRankLinear
+from server.kernels import KERNELS, PACK_BATCH, Linear, onednn_available
 
 PAD_MULTIPLE = 16  # candidate rank rounding (zero rows in A, zero columns in B: the same function)
-MARGIN = 0.1  # another form replaces the factor pair as built only when at least this much faster (timings are noisy)
+MARGIN = 0.1  # another form, kernel or head product replaces the default only when at least this much faster (timings are noisy)
 COLD_BYTES = 64 << 20  # weights cycled per timing: past the last-level cache, as a decode step reads them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Projections that read one input, served as one stacked matmul (then a B matmul per factored one).
+STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,10 @@ class Layout:
     forms: dict[str, Form]  # module path → form
     timings_us: dict[str, dict[str, float]] = field(default_factory=dict)  # shape key → form label → µs
     how: str = "measured"
+    kernel: str = "aten"  # server.kernels: how every projection's matmuls run
+    kernel_timings_us: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel → batch → µs per layer
+    head: str = "linear"  # HEADS: how the LM head's matmul is called
+    head_timings_us: dict[str, dict[int, float]] = field(default_factory=dict)  # head form → batch → µs
 
     def record(self) -> dict:
         """What was chosen and why (JSON): dtype, counts per form, the per-shape timings."""
@@ -90,7 +100,9 @@ class Layout:
             counts[key] = counts.get(key, 0) + 1
         padded = sum(1 for f in self.forms.values() if f.kind == "factored" and f.rank % PAD_MULTIPLE == 0)
         return {"dtype": str(self.dtype).removeprefix("torch."), "how": self.how, "projections": counts,
-                "factored_at_padded_rank": padded, "timings_us": self.timings_us}
+                "factored_at_padded_rank": padded, "timings_us": self.timings_us,
+                "kernel": self.kernel, "kernel_timings_us": self.kernel_timings_us,
+                "head": self.head, "head_timings_us": self.head_timings_us}
 
 
 def _copies(numel: int, dtype: torch.dtype) -> int:
@@ -147,12 +159,110 @@ def time_forms(p: Projection, forms: list[Form], dtype: torch.dtype, reps: int =
     return best
 
 
-def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure") -> Layout:
-    """Choose each projection's form (and with dtype="auto" the dtype) for `model` on this machine.
+def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure", kernel: str = "measure") -> Layout:
+    """Choose each projection's form (and with dtype="auto" the dtype), then the matmul kernel, for
+    `model` on this machine.
 
     policy "measure": time the candidates per distinct shape; "factored": every factored projection
     stays a pair at its own rank (what was built); "dense": every one merged back (tests and baselines).
+    kernel "measure": time aten against oneDNN on layer 0's matmuls as served, and the LM head's two
+    call forms; or "aten" / "onednn" (the head then as F.linear, as before either was measured).
     """
+    layout = _plan_forms(model, dtype, policy)
+    shapes = _layer_shapes(model, layout.forms, 0)
+    if kernel == "measure":
+        layout.kernel, layout.kernel_timings_us = choose_kernel(shapes, layout.dtype)
+        layout.head, layout.head_timings_us = choose_head(model.lm_head.weight.detach().to(layout.dtype))
+    elif kernel in KERNELS:
+        if kernel == "onednn" and not onednn_available(layout.dtype):
+            raise ValueError(f"the oneDNN kernel does not run {layout.dtype} on this machine (torch {torch.__version__})")
+        layout.kernel = kernel
+    else:
+        raise ValueError(f"kernel must be measure, {' or '.join(KERNELS)}, got {kernel!r}")
+    return layout
+
+
+def _layer_shapes(model: nn.Module, forms: dict[str, Form], layer: int) -> list[tuple[int, int]]:
+    """[out, in] of every matmul one decoder layer runs as served: a stacked first matmul per stage,
+    then a B per factored projection."""
+    shapes = []
+    for names in STAGES:
+        parts = [(Projection.of(model, f"model.layers.{layer}.{n}"), forms[f"model.layers.{layer}.{n}"]) for n in names]
+        firsts = [form.matrices(p) for p, form in parts]
+        shapes.append((sum(first.shape[0] for first, _, _ in firsts), parts[0][0].in_features))
+        shapes += [tuple(second.shape) for _, second, _ in firsts if second is not None]
+    return shapes
+
+
+def choose_kernel(shapes: list[tuple[int, int]], dtype: torch.dtype) -> tuple[str, dict[str, dict[int, float]]]:
+    """oneDNN where it runs here and `wins` over aten on one layer's matmuls; else aten. Returns the
+    choice and µs per kernel and batch."""
+    times = time_kernels(shapes, dtype)
+    return ("onednn" if "onednn" in times and wins(times["onednn"], times["aten"]) else "aten"), times
+
+
+def wins(new: dict[int, float], old: dict[int, float]) -> bool:
+    """The rule of every load-time choice between two ways of computing one product (times in µs by
+    batch): `new` must be faster by MARGIN at batch PACK_BATCH, where a loaded worker spends its time,
+    and at most MARGIN slower at batch 1 (a difference inside MARGIN there is noise on this machine)."""
+    return new[PACK_BATCH] < (1 - MARGIN) * old[PACK_BATCH] and new[1] <= (1 + MARGIN) * old[1]
+
+
+HEADS = ("linear", "transposed")
+# Why two forms of one product: the tied head is [vocab, hidden] (49152 × 576 for SmolLM2). F.linear(x, W)
+# asks BLAS for x·Wᵀ; (W·xᵀ)ᵀ asks for the same numbers as a product with W untransposed, which the
+# project's AVX2 machine ran 1.4-2.2× faster at batch 4-16 and as fast at batch 1. No copy of W either way.
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tensor:
+    """The LM head's product in one of HEADS (h: [..., hidden] → [..., vocab])."""
+    if form == "transposed":
+        return (weight @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], weight.shape[0])
+    return F.linear(h, weight)
+
+
+def choose_head(weight: torch.Tensor, reps: int = 3) -> tuple[str, dict[str, dict[int, float]]]:
+    """"transposed" where it `wins` over "linear" (timed in turns, fastest of `reps`; the head is larger
+    than a cache, so it is read from memory); else "linear"."""
+    batches = (1, PACK_BATCH)
+    inputs = {b: torch.randn(b, weight.shape[1], dtype=weight.dtype) for b in batches}
+    best = {f: {b: float("inf") for b in batches} for f in HEADS}
+    with torch.inference_mode():
+        for round_ in range(reps + 1):  # round 0 warms up
+            for b in batches:
+                for f in HEADS:
+                    t0 = time.perf_counter()
+                    head_logits(inputs[b], weight, f)
+                    if round_:
+                        best[f][b] = min(best[f][b], (time.perf_counter() - t0) * 1e6)
+    times = {f: {b: round(t, 1) for b, t in v.items()} for f, v in best.items()}
+    return ("transposed" if wins(times["transposed"], times["linear"]) else "linear"), times
+
+
+def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 5) -> dict[str, dict[int, float]]:
+    """µs for one pass over weights of `shapes` per kernel, at batch 1 and PACK_BATCH, each weight read
+    from memory (copies cycled past the cache), kernels timed in turns; fastest of `reps`."""
+    n = _copies(sum(o * i for o, i in shapes), dtype)
+    base = [torch.randn(o, i).to(dtype) * 0.05 for o, i in shapes]
+    kernels = [k for k in KERNELS if k == "aten" or onednn_available(dtype)]
+    copies = {k: [[Linear(w.clone(), None, k) for w in base] for _ in range(n)] for k in kernels}
+    batches = (1, PACK_BATCH)
+    inputs = {b: {i: torch.randn(b, i).to(dtype) for _, i in shapes} for b in batches}
+    best = {k: {b: float("inf") for b in batches} for k in kernels}
+    with torch.inference_mode():
+        for round_ in range(reps + 1):  # round 0 warms up
+            for b in batches:
+                for k in kernels:
+                    t0 = time.perf_counter()
+                    for layer in copies[k]:
+                        for lin in layer:
+                            lin(inputs[b][lin.in_features])
+                    if round_:
+                        best[k][b] = min(best[k][b], (time.perf_counter() - t0) / n * 1e6)
+    return {k: {b: round(t, 1) for b, t in v.items()} for k, v in best.items()}
+
+
+def _plan_forms(model: nn.Module, dtype: str, policy: str) -> Layout:
     paths = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in PROJECTIONS]
     projections = {path: Projection.of(model, path) for path in paths}
     if dtype == "auto":

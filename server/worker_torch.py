@@ -89,14 +89,15 @@ def create_app(
     max_waiting: int = 64,
     dtype: str = "float32",
     layout: str = "measure",
+    kernel: str = "measure",
 ) -> FastAPI:
     """The worker app. `members`: {served name: member folder}; or one member folder with its `name`.
-    `max_batch`, `max_waiting`: per member. `dtype`, `layout`: see server.engine_torch.TorchEngine."""
+    `max_batch`, `max_waiting`: per member. `dtype`, `layout`, `kernel`: see server.engine_torch.TorchEngine."""
     members = {name: Path(members)} if isinstance(members, (str, Path)) else {k: Path(v) for k, v in members.items()}
     metrics = WorkerMetrics()
     engine = TorchEngine(
         members, max_model_len=max_model_len, max_batch=max_batch, max_waiting=max_waiting,
-        dtype=dtype, layout=layout, observer=metrics.observe,
+        dtype=dtype, layout=layout, kernel=kernel, observer=metrics.observe,
     )
     served = ", ".join(members)
     app = FastAPI(title=f"family worker: {served} (torch)")

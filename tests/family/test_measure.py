@@ -96,6 +96,8 @@ def test_cli_errors_are_one_line(measured):
                         (["profile", "--family", str(measured), "--device-class", "x", "--concurrency", "a"], "--concurrency"),
                         (["profile", "--family", str(measured), "--device-class", "x", "--threads", "-1"], "--threads"),
                         (["worker", "--family", str(measured), "--member", "tiny-p60", "--engine", "vllm", "--threads", "2"], "--threads"),
+                        (["worker", "--family", str(measured), "--member", "tiny-p60", "--kernel", "fast"], "--kernel"),
+                        (["worker", "--family", str(measured), "--member", "tiny-p60", "--layout", "packed"], "--layout"),
                         (["serve", "--family", str(measured), "--worker-threads", "-1"], "--worker-threads")):
         done = _family(*args)
         assert done.returncode == 2 and done.stderr.strip().startswith("error:") and words in done.stderr
