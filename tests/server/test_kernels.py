@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from server.kernels import KERNELS, PACK_BATCH, Linear, onednn_available
-from server.layout import HEADS, MARGIN, choose_head, choose_kernel, head_logits, wins
+from server.layout import BATCH1_NOISE, HEADS, MARGIN, choose_head, choose_kernel, head_logits, wins
 
 RUNNABLE = [k for k in KERNELS if k == "aten" or onednn_available(torch.float32)]
 
@@ -32,8 +32,8 @@ def test_an_unknown_kernel_is_refused():
 
 def test_a_choice_needs_a_clear_gain_under_load_and_no_clear_loss_at_batch_1():
     assert wins({1: 100, PACK_BATCH: 80}, {1: 100, PACK_BATCH: 100})
-    assert wins({1: 100 * (1 + MARGIN), PACK_BATCH: 50}, {1: 100, PACK_BATCH: 100})  # inside the noise at batch 1
-    assert not wins({1: 120, PACK_BATCH: 50}, {1: 100, PACK_BATCH: 100})  # clearly slower at batch 1
+    assert wins({1: 100 * (1 + BATCH1_NOISE), PACK_BATCH: 50}, {1: 100, PACK_BATCH: 100})  # inside the noise at batch 1
+    assert not wins({1: 100 * (1 + BATCH1_NOISE) + 1, PACK_BATCH: 50}, {1: 100, PACK_BATCH: 100})  # clearly slower at batch 1
     assert not wins({1: 50, PACK_BATCH: 95}, {1: 100, PACK_BATCH: 100})  # no clear gain at batch 16
     assert not wins({1: 100, PACK_BATCH: 100}, {1: 100, PACK_BATCH: 100})
 
