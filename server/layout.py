@@ -18,6 +18,7 @@ recorded (`Layout.record()`), served by the worker at /v1/models and /health, an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -225,44 +226,42 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tenso
 
 
 def choose_head(weight: torch.Tensor, reps: int = 3) -> tuple[str, dict[str, dict[int, float]]]:
-    """"transposed" where it `wins` over "linear" (timed in turns, fastest of `reps`; the head is larger
-    than a cache, so it is read from memory); else "linear"."""
-    batches = (1, PACK_BATCH)
-    inputs = {b: torch.randn(b, weight.shape[1], dtype=weight.dtype) for b in batches}
-    best = {f: {b: float("inf") for b in batches} for f in HEADS}
-    with torch.inference_mode():
-        for round_ in range(reps + 1):  # round 0 warms up
-            for b in batches:
-                for f in HEADS:
-                    t0 = time.perf_counter()
-                    head_logits(inputs[b], weight, f)
-                    if round_:
-                        best[f][b] = min(best[f][b], (time.perf_counter() - t0) * 1e6)
-    times = {f: {b: round(t, 1) for b, t in v.items()} for f, v in best.items()}
+    """"transposed" where it `wins` over "linear" (the head is larger than a cache, so each call reads
+    it from memory); else "linear"."""
+    inputs = {b: torch.randn(b, weight.shape[1], dtype=weight.dtype) for b in (1, PACK_BATCH)}
+    times = _time_in_turns({f: lambda b, f=f: head_logits(inputs[b], weight, f) for f in HEADS}, reps)
     return ("transposed" if wins(times["transposed"], times["linear"]) else "linear"), times
 
 
 def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 5) -> dict[str, dict[int, float]]:
     """µs for one pass over weights of `shapes` per kernel, at batch 1 and PACK_BATCH, each weight read
-    from memory (copies cycled past the cache), kernels timed in turns; fastest of `reps`."""
+    from memory (copies cycled past the cache)."""
     n = _copies(sum(o * i for o, i in shapes), dtype)
     base = [torch.randn(o, i).to(dtype) * 0.05 for o, i in shapes]
     kernels = [k for k in KERNELS if k == "aten" or onednn_available(dtype)]
     copies = {k: [[Linear(w.clone(), None, k) for w in base] for _ in range(n)] for k in kernels}
-    batches = (1, PACK_BATCH)
-    inputs = {b: {i: torch.randn(b, i).to(dtype) for _, i in shapes} for b in batches}
-    best = {k: {b: float("inf") for b in batches} for k in kernels}
+    inputs = {b: {i: torch.randn(b, i).to(dtype) for _, i in shapes} for b in (1, PACK_BATCH)}
+
+    def one_pass(kernel: str, b: int) -> None:
+        for layer in copies[kernel]:
+            for lin in layer:
+                lin(inputs[b][lin.in_features])
+    return _time_in_turns({k: lambda b, k=k: one_pass(k, b) for k in kernels}, reps, per=n)
+
+
+def _time_in_turns(variants: dict[str, Callable[[int], object]], reps: int, per: int = 1) -> dict[str, dict[int, float]]:
+    """µs per call (divided by `per`) of each variant at batch 1 and PACK_BATCH: one warm-up round,
+    then `reps` rounds in turns, so every variant sees the same machine weather; the fastest of each."""
+    best = {name: {b: float("inf") for b in (1, PACK_BATCH)} for name in variants}
     with torch.inference_mode():
-        for round_ in range(reps + 1):  # round 0 warms up
-            for b in batches:
-                for k in kernels:
+        for round_ in range(reps + 1):
+            for b in (1, PACK_BATCH):
+                for name, call in variants.items():
                     t0 = time.perf_counter()
-                    for layer in copies[k]:
-                        for lin in layer:
-                            lin(inputs[b][lin.in_features])
+                    call(b)
                     if round_:
-                        best[k][b] = min(best[k][b], (time.perf_counter() - t0) / n * 1e6)
-    return {k: {b: round(t, 1) for b, t in v.items()} for k, v in best.items()}
+                        best[name][b] = min(best[name][b], (time.perf_counter() - t0) / per * 1e6)
+    return {name: {b: round(t, 1) for b, t in v.items()} for name, v in best.items()}
 
 
 def _plan_forms(model: nn.Module, dtype: str, policy: str) -> Layout:
