@@ -170,7 +170,7 @@ def main() -> None:
     for (name, p), s in setup.items():
         if s["layout"]:
             print(f"{name} {p}: load+layout {s['load_s']} s, {s['layout']['dtype']}, {s['layout']['projections']}, "
-                  f"kernel {s['layout']['kernel']} {s['layout']['kernel_timings_us']}")
+                  f"kernel {s['layout']['kernel']} {s['layout']['kernel_timings_us']}, head {s['layout']['head']} {s['layout']['head_timings_us']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"command": command, "table": table, "rates": {"|".join(map(str, k)): v for k, v in rates.items()},
                                      "cpu_ms_per_step": {"|".join(map(str, k)): v for k, v in cpu.items()},

@@ -36,6 +36,11 @@ def onednn_available(dtype: torch.dtype) -> bool:
     return torch.allclose(got.float(), F.linear(x, w).float(), atol=tol, rtol=tol)
 
 
+def runnable_kernels(dtype: torch.dtype) -> list[str]:
+    """The KERNELS that run `dtype` here: aten always, oneDNN where `onednn_available`."""
+    return [k for k in KERNELS if k == "aten" or onednn_available(dtype)]
+
+
 class Linear:
     """x @ Wᵀ + b with W held the way `kernel` reads it. Inference only (no autograd through oneDNN)."""
 

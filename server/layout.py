@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from family.lowrank import PROJECTIONS, LowRankLinear
-from server.kernels import KERNELS, PACK_BATCH, Linear, onednn_available
+from server.kernels import KERNELS, PACK_BATCH, Linear, runnable_kernels
 
 PAD_MULTIPLE = 16  # candidate rank rounding (zero rows in A, zero columns in B: the same function)
 MARGIN = 0.1  # another form, kernel or head product replaces the default only when at least this much faster (timings are noisy)
@@ -172,17 +172,16 @@ def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure
     kernel "measure": time aten against oneDNN on layer 0's matmuls as served, and the LM head's two
     call forms; or "aten" / "onednn" (the head then as F.linear, as before either was measured).
     """
-    layout = _plan_forms(model, dtype, policy)
-    shapes = _layer_shapes(model, layout.forms, 0)
-    if kernel == "measure":
-        layout.kernel, layout.kernel_timings_us = choose_kernel(shapes, layout.dtype)
-        layout.head, layout.head_timings_us = choose_head(model.lm_head.weight.detach().to(layout.dtype))
-    elif kernel in KERNELS:
-        if kernel == "onednn" and not onednn_available(layout.dtype):
-            raise ValueError(f"the oneDNN kernel does not run {layout.dtype} on this machine (torch {torch.__version__})")
-        layout.kernel = kernel
-    else:
+    if kernel != "measure" and kernel not in KERNELS:
         raise ValueError(f"kernel must be measure, {' or '.join(KERNELS)}, got {kernel!r}")
+    layout = _plan_forms(model, dtype, policy)
+    if kernel == "measure":
+        layout.kernel, layout.kernel_timings_us = choose_kernel(_layer_shapes(model, layout.forms, 0), layout.dtype)
+        layout.head, layout.head_timings_us = choose_head(model.lm_head.weight.detach().to(layout.dtype))
+    elif kernel not in runnable_kernels(layout.dtype):
+        raise ValueError(f"the {kernel} kernel does not run {layout.dtype} on this machine (torch {torch.__version__})")
+    else:
+        layout.kernel = kernel
     return layout
 
 
@@ -238,7 +237,7 @@ def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 
     from memory (copies cycled past the cache)."""
     n = _copies(sum(o * i for o, i in shapes), dtype)
     base = [torch.randn(o, i).to(dtype) * 0.05 for o, i in shapes]
-    kernels = [k for k in KERNELS if k == "aten" or onednn_available(dtype)]
+    kernels = runnable_kernels(dtype)
     copies = {k: [[Linear(w.clone(), None, k) for w in base] for _ in range(n)] for k in kernels}
     inputs = {b: {i: torch.randn(b, i).to(dtype) for _, i in shapes} for b in (1, PACK_BATCH)}
 

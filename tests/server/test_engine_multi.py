@@ -1,8 +1,8 @@
 """One torch worker serving several members (issue 11): correct tokens for each, at once, over real HTTP
 with the official client; a member it does not hold is a 404 in OpenAI's shape; the gateway routes
 around the shared worker when its process is killed. And the decode path's layouts (stacked, merged
-back to dense, factored at a padded rank; on each matmul kernel) and its slot compaction give transformers' greedy
-tokens."""
+back to dense, factored at a padded rank; on each matmul kernel) and its slot compaction give
+transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from family.registry import load_family
 from server.decoder import StaticDecoder
 from server.fleet import WorkerSpec
 from server.gateway import create_app as create_gateway
-from server.kernels import KERNELS, PACK_BATCH, onednn_available
+from server.kernels import KERNELS, PACK_BATCH, runnable_kernels
 from server.layout import HEADS, Form, Layout, plan_layout
 from server.metrics import GatewayMetrics
 from server.pool import Pool
@@ -149,17 +149,16 @@ def _reference_ids(model, prompt: list[int], n: int) -> list[int]:
 
 def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_member_dir):
     """Factor pairs (stacked A's), merged dense, factored at a padded rank, each on every matmul kernel
-    that runs here and with either form of the LM head's product: the same greedy tokens. Row 0 finishes after 5 tokens and row 2 moves into its slot:
-    both remaining rows stay exact."""
+    that runs here and with either form of the LM head's product: the same greedy tokens. Row 0
+    finishes after 5 tokens and row 2 moves into its slot: both remaining rows stay exact."""
     model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.float32).eval()
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
     refs = [_reference_ids(model, p, 16) for p in prompts]
     factored = plan_layout(model, "float32", "factored")
     padded = Layout(torch.float32, {p: Form("factored", f.rank + 3) for p, f in factored.forms.items()}, how="test")
     assert factored.forms and all(f.kind == "factored" for f in factored.forms.values())
-    kernels = [k for k in KERNELS if k == "aten" or onednn_available(torch.float32)]
     layouts = (factored, plan_layout(model, "float32", "dense"), padded)
-    for layout in [replace(lay, kernel=k, head=h) for lay in layouts for k in kernels for h in HEADS]:
+    for layout in [replace(lay, kernel=k, head=h) for lay in layouts for k in runnable_kernels(torch.float32) for h in HEADS]:
         dec = StaticDecoder(model, layout, max_slots=4, max_len=64, min_width=8)  # small width: the cache grows mid-run
         tokens = dec.prefill(0, prompts).argmax(-1)
         got = [[int(t)] for t in tokens]

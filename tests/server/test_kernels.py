@@ -8,13 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.kernels import KERNELS, PACK_BATCH, Linear, onednn_available
+from server.kernels import PACK_BATCH, Linear, onednn_available, runnable_kernels
 from server.layout import BATCH1_NOISE, HEADS, MARGIN, choose_head, choose_kernel, head_logits, wins
 
-RUNNABLE = [k for k in KERNELS if k == "aten" or onednn_available(torch.float32)]
-
-
-@pytest.mark.parametrize("kernel", RUNNABLE)
+@pytest.mark.parametrize("kernel", runnable_kernels(torch.float32))
 def test_a_kernel_computes_the_linear_map_for_the_decoders_inputs(kernel):
     torch.manual_seed(0)
     w, b = torch.randn(48, 40), torch.randn(48)
