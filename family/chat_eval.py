@@ -72,6 +72,12 @@ def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = AN
     return ChatReference(prompts, prompt_ids, answers)
 
 
+def fold_logprobs(logprobs: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Log-probabilities over a larger vocabulary summed onto `size` ids by `index` (one per larger id)."""
+    probs = torch.zeros(*logprobs.shape[:-1], size, dtype=logprobs.dtype).index_add_(-1, index, logprobs.exp())
+    return probs.clamp_min(1e-30).log()
+
+
 @torch.no_grad()
 def _answer_logprobs(model, ref: ChatReference, rows: range) -> list[torch.Tensor]:
     """Log-probabilities at the positions that predict each answer token (answer_len × vocab)."""
@@ -90,14 +96,31 @@ def _answer_logprobs(model, ref: ChatReference, rows: range) -> list[torch.Tenso
     return out
 
 
+def in_tokens_of(ref: ChatReference, parent_tokenizer, tokenizer) -> ChatReference:
+    """The same prompts and parent answers in another tokenizer's ids (a member with a trimmed
+    vocabulary, plrd/vocab.py): each answer decoded to text and encoded again, its end-of-turn kept."""
+    eos = parent_tokenizer.eos_token_id
+    answers = []
+    for a in ref.answers:
+        ids = tokenizer(parent_tokenizer.decode(a, skip_special_tokens=True), add_special_tokens=False)["input_ids"]
+        answers.append(ids + ([tokenizer.eos_token_id] if a and a[-1] == eos else []))
+    return ChatReference(ref.prompts, [chat_prompt_ids(tokenizer, p) for p in ref.prompts], answers)
+
+
 @torch.no_grad()
-def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8, progress: bool = True, name: str = "member") -> ChatScores:
+def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8, progress: bool = True, name: str = "member",
+          fold: torch.Tensor | None = None) -> ChatScores:
     """Chat agreement, KL and degeneracy of `member` against the parent's reference answers.
-    The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax)."""
+    The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax).
+    With a trimmed vocabulary, `ref` is in the member's tokens (`in_tokens_of`) and `fold` maps the
+    parent's ids onto the member's (plrd.vocab.fold_index): KL is then to the parent's distribution
+    summed onto the ids the member can say."""
     agree, kl, tokens = 0, 0.0, 0
     for rows in _batches(len(ref.prompts), batch_size):
         mine = _answer_logprobs(member, ref, rows)
         theirs = mine if member is parent else _answer_logprobs(parent, ref, rows)
+        if fold is not None:
+            theirs = [fold_logprobs(lp, fold, lm.shape[-1]) for lm, lp in zip(mine, theirs)]
         for i, lm, lp in zip(rows, mine, theirs):
             target = torch.tensor(ref.answers[i])
             agree += (lm.argmax(-1) == target).sum().item() if member is not parent else len(target)

@@ -1,0 +1,89 @@
+"""Vocabulary trimming: a member that keeps the first `size` tokens of the parent's byte-level BPE.
+
+Why: the tied embedding / LM head is a fifth of SmolLM2-135M's parameters, and low rank is the worst
+place to cut it (README, "Where low rank costs least"). A BPE vocabulary learned merge by merge has
+its tokens in merge order, and a merge's two parts always come before its product, so the first
+`size` ids are a closed vocabulary: the tokenizer trained with fewer merges. Keeping them is a slice
+of the embedding, nothing else changes, and on every text the member's logits over the kept ids are
+the parent's logits on that text's (longer) tokenization. What is lost is the parent's one-token
+spelling of rarer words; they are spelled in pieces instead.
+
+`trim_tokenizer` refuses a tokenizer where that closure does not hold (not BPE, merges out of id
+order, a kept merge with a removed part), so a vocabulary is never cut into one that cannot encode
+what the parent could.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from family.errors import FamilyError
+
+
+def _bpe(tokenizer) -> dict:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"].get("type") != "BPE":
+        raise FamilyError(f"vocabulary trimming needs a BPE tokenizer, got {spec['model'].get('type')!r}")
+    return spec
+
+
+def _merge_product(merge) -> str:
+    return "".join(merge) if isinstance(merge, list) else merge.replace(" ", "")
+
+
+def trim_tokenizer(tokenizer, size: int):
+    """A copy of `tokenizer` that only ever produces ids below `size` (its first merges)."""
+    spec = _bpe(tokenizer)
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    special = max((t["id"] for t in spec.get("added_tokens", [])), default=-1)
+    if size > len(vocab):
+        raise FamilyError(f"vocabulary size {size} is past the tokenizer's {len(vocab)}")
+    if size <= special:
+        raise FamilyError(f"vocabulary size {size} would drop special token id {special}")
+    kept = {s: i for s, i in vocab.items() if i < size}
+    kept_merges = [m for m in merges if vocab[_merge_product(m)] < size]
+    for m in kept_merges:
+        parts = m if isinstance(m, list) else m.split(" ")
+        if any(p not in kept for p in parts):
+            raise FamilyError(f"merge {parts} keeps a token whose parts are not all below id {size}: merges are not in id order")
+    spec["model"]["vocab"], spec["model"]["merges"] = kept, kept_merges
+    out = copy.deepcopy(tokenizer)
+    out._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return out
+
+
+def trim_model(model: nn.Module, size: int) -> nn.Module:
+    """Keep the first `size` rows of the (tied) embedding and LM head, in place."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise FamilyError("vocabulary trimming here expects a tied embedding / LM head")
+    embed = model.get_input_embeddings()
+    trimmed = nn.Embedding(size, embed.embedding_dim, _weight=embed.weight.data[:size].clone())
+    model.set_input_embeddings(trimmed)
+    model.lm_head.weight = trimmed.weight
+    model.lm_head.out_features = size
+    model.config.vocab_size = size
+    return model
+
+
+def fold_index(tokenizer, trimmed) -> torch.Tensor:
+    """For each of the parent's ids, the member id that a member spelling it in pieces starts with
+    (its own id where kept). The parent's probabilities summed by this index
+    (family.chat_eval.fold_logprobs) are its next-token distribution in the member's vocabulary:
+    what the member should predict."""
+    vocab = _bpe(tokenizer)["model"]["vocab"]
+    size = len(trimmed.get_vocab())
+    index = torch.arange(max(vocab.values()) + 1)
+    bpe = trimmed.backend_tokenizer.model
+    for token, i in vocab.items():
+        if i >= size:
+            index[i] = bpe.tokenize(token)[0].id
+    return index
+
+
+def params_removed(model: nn.Module, size: int) -> int:
+    return (model.get_input_embeddings().num_embeddings - size) * model.get_input_embeddings().embedding_dim
