@@ -10,7 +10,9 @@ with the parent's held-out greedy answers re-encoded in the trimmed tokenizer's 
 - ppl/char × parent: held-out text perplexity per character (a trimmed tokenizer spends more tokens
   on the same text, so per-token perplexities are not comparable), over the parent's;
 - tokens ×: how many more tokens the held-out text takes.
-A row at the full vocabulary is the untrimmed model scored as `family eval` scores it.
+At the full vocabulary, two rows: the untrimmed model scored as `family eval` scores it, and scored on
+the re-encoded answers ("re-encoded"): what re-encoding alone costs (a generated token sequence is not
+always the canonical encoding of its text).
 
     python benchmarks/vocab_trim.py --sizes 49152,32768,24576,16384
     python benchmarks/vocab_trim.py --models runs/family-smollm2-135m/smollm2-135m-p90 --sizes 49152,32768,24576
@@ -58,21 +60,25 @@ def main() -> None:
     for folder in args.models.split(",") if args.models else [args.parent]:
         for size in sizes:
             model, member_tok = load_parent(Path(folder))
-            if size < model.config.vocab_size:
+            full = size >= model.config.vocab_size
+            if not full:
                 trim_model(model, size)
                 member_tok = trim_tokenizer(member_tok, size)
-                member_ref, fold = chat_eval.in_tokens_of(ref, tok, member_tok), fold_index(tok, member_tok)
-            else:
-                member_ref, fold = ref, None
-            c = chat_eval.score(model, parent, member_tok, member_ref, fold=fold, progress=False)
             nll, n = nll_per_char(model, member_tok)
-            row = {"model": Path(folder).name, "vocab": size, "params_fraction": round(count_parameters(model) / P, 4),
-                   "chat_agreement": round(c.agreement, 4), "chat_kl": round(c.kl, 4),
-                   "degenerate": f"{round(c.degenerate_share * len(prompts))}/{len(prompts)}",
-                   "ppl_per_char_ratio": round(math.exp(nll - parent_nll), 3), "tokens_ratio": round(n / parent_tokens, 4),
-                   "first_answer": c.answers[0][:80]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for reencode in (False, True) if full else (True,):
+                if reencode:
+                    member_ref, fold = chat_eval.in_tokens_of(ref, tok, member_tok), fold_index(tok, member_tok)
+                else:
+                    member_ref, fold = ref, None
+                c = chat_eval.score(model, parent, member_tok, member_ref, fold=fold, progress=False)
+                rows.append(row := {
+                    "model": Path(folder).name, "vocab": f"{size} re-encoded" if full and reencode else size,
+                    "params_fraction": round(count_parameters(model) / P, 4),
+                    "chat_agreement": round(c.agreement, 4), "chat_kl": round(c.kl, 4),
+                    "degenerate": f"{round(c.degenerate_share * len(prompts))}/{len(prompts)}",
+                    "ppl_per_char_ratio": round(math.exp(nll - parent_nll), 3), "tokens_ratio": round(n / parent_tokens, 4),
+                    "first_answer": c.answers[0][:80]})
+                print(json.dumps(row), flush=True)
     print("| model | vocab | params × parent | chat agreement | chat KL | degenerate | ppl/char × parent | tokens × |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

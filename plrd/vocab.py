@@ -32,8 +32,9 @@ def _bpe(tokenizer) -> dict:
     return spec
 
 
-def _merge_product(merge) -> str:
-    return "".join(merge) if isinstance(merge, list) else merge.replace(" ", "")
+def _merge_parts(merge) -> list[str]:
+    """A merge's two parts (tokenizer.json stores a merge as a pair, or as one "a b" string)."""
+    return merge if isinstance(merge, list) else merge.split(" ")
 
 
 def trim_tokenizer(tokenizer, size: int):
@@ -46,9 +47,9 @@ def trim_tokenizer(tokenizer, size: int):
     if size <= special:
         raise FamilyError(f"vocabulary size {size} would drop special token id {special}")
     kept = {s: i for s, i in vocab.items() if i < size}
-    kept_merges = [m for m in merges if vocab[_merge_product(m)] < size]
+    kept_merges = [m for m in merges if vocab["".join(_merge_parts(m))] < size]
     for m in kept_merges:
-        parts = m if isinstance(m, list) else m.split(" ")
+        parts = _merge_parts(m)
         if any(p not in kept for p in parts):
             raise FamilyError(f"merge {parts} keeps a token whose parts are not all below id {size}: merges are not in id order")
     spec["model"]["vocab"], spec["model"]["merges"] = kept, kept_merges
@@ -84,6 +85,3 @@ def fold_index(tokenizer, trimmed) -> torch.Tensor:
             index[i] = bpe.tokenize(token)[0].id
     return index
 
-
-def params_removed(model: nn.Module, size: int) -> int:
-    return (model.get_input_embeddings().num_embeddings - size) * model.get_input_embeddings().embedding_dim

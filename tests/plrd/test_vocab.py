@@ -17,12 +17,13 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the capital of Japan is
 def test_trimmed_tokenizer_spells_every_text_with_kept_ids(tiny):
     _, tok = tiny
     size = len(tok) - 64
+    full_ids = tok(TEXT)["input_ids"]
     small = trim_tokenizer(tok, size)
-    full_ids, ids = tok(TEXT)["input_ids"], small(TEXT)["input_ids"]
+    ids = small(TEXT)["input_ids"]
     assert max(ids) < size
     assert len(ids) > len(full_ids)  # rarer words now take pieces
     assert small.decode(ids) == tok.decode(full_ids) == TEXT
-    assert len(tok(TEXT)["input_ids"]) == len(full_ids)  # the parent's tokenizer is untouched
+    assert tok(TEXT)["input_ids"] == full_ids and len(tok) == size + 64  # the parent's tokenizer is untouched
 
 
 def test_trimmed_model_is_the_parents_logits_on_the_kept_ids(tiny):
