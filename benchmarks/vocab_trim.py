@@ -44,9 +44,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="49152,32768,24576,16384", help="vocabulary sizes to keep")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes: give whole numbers separated by commas, got {args.sizes!r}")
+    if missing := [m for m in args.models.split(",") if m and not (Path(m) / "config.json").is_file()]:
+        ap.error(f"--models: no model folder at {', '.join(missing)}")
     parent, tok = load_parent(Path(args.parent))
     P = count_parameters(parent)
+    if bad := [size for size in sizes if size <= max(tok.all_special_ids) or size > parent.config.vocab_size]:
+        ap.error(f"--sizes: {bad} outside {max(tok.all_special_ids) + 1}..{parent.config.vocab_size} (past the specials, up to the parent's vocabulary)")
     prompts = [p.prompt for p in read_prompts(defaults.EVAL_PROMPTS)]
     ref = chat_eval.reference(parent, tok, prompts)
     text = read_source(defaults.EVAL_TEXT).text
