@@ -102,3 +102,25 @@ def evaluate(
         )
         for n in members
     }
+
+
+@torch.no_grad()
+def perplexity_in_parent_tokens(model: torch.nn.Module, tokenizer, parent_tokenizer, rows: torch.Tensor, progress: bool = True) -> Scores:
+    """Perplexity of a member that speaks another (trimmed) vocabulary, on the text of the parent's
+    windows, per *parent* token: each window decoded and encoded in the member's tokenizer, the
+    member's total negative log-likelihood divided by the positions the parent predicts there. The
+    text is the same and so is the divisor, so it compares with the parent's perplexity as it is
+    (a per-token perplexity would not: the member spends more, easier tokens on the same text).
+    Agreement and KL at each position need the same tokens on both sides, so they are left out."""
+    nll, count = 0.0, 0
+    bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc="eval (own tokens)", disable=not progress)
+    start = time.perf_counter()
+    for row in rows:
+        ids = torch.tensor([tokenizer(parent_tokenizer.decode(row), add_special_tokens=False)["input_ids"]])
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += len(row) - 1
+        bar.update(len(row))
+        bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+    bar.close()
+    return Scores(perplexity=math.exp(nll / count), top1_agreement=None, mean_kl=None, tokens=count)

@@ -74,7 +74,7 @@ def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = AN
 
 def fold_logprobs(logprobs: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Log-probabilities over a larger vocabulary summed onto `size` ids by `index` (one per larger id)."""
-    probs = torch.zeros(*logprobs.shape[:-1], size, dtype=logprobs.dtype).index_add_(-1, index, logprobs.exp())
+    probs = torch.zeros(*logprobs.shape[:-1], size, dtype=logprobs.dtype, device=logprobs.device).index_add_(-1, index, logprobs.exp())
     return probs.clamp_min(1e-30).log()
 
 

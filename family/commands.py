@@ -82,12 +82,14 @@ def eval_cmd(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from family import chat_eval
-    from family.accuracy import evaluate, windows as windows_of
+    from family.accuracy import evaluate, perplexity_in_parent_tokens, windows as windows_of
     from family.data import read_prompts
+    from family.degeneracy import degenerate_reason
     from family.errors import FamilyError
     from family.registry import AccuracyRecord, FitnessPolicy, load_family
     from family.storage import atomic_write_text, sha256_file
     from plrd.data import read_source, tokenize
+    from plrd.vocab import fold_index
 
     fam = load_family(family_dir)
     names = _selected(fam, member)
@@ -119,12 +121,18 @@ def eval_cmd(
     load = lambda n: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=torch.float32).eval()  # noqa: E731
     parent = load(parent_name) if todo else None
     ref = chat_eval.reference(parent, tok, prompts, max_new_tokens=answer_tokens) if todo else None
+    parent_degenerate = [degenerate_reason(tok.decode(a, skip_special_tokens=True)) is not None for a in ref.answers] if todo else []
     out_dir = Path(family_dir) / "eval"
     # The parent first (one forward pass per window), then each member against it.
     for n in sorted(todo, key=lambda n: n != parent_name):
         model = parent if n == parent_name else load(n)
-        s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
-        c = chat_eval.score(model, parent, tok, ref, name=n)
+        if model.config.vocab_size < parent.config.vocab_size:  # a trimmed vocabulary (plrd/vocab.py): scored in its own tokens
+            own = AutoTokenizer.from_pretrained(fam.member_dir(n))
+            s = perplexity_in_parent_tokens(model, own, tok, rows)
+            c = chat_eval.score(model, parent, own, chat_eval.in_tokens_of(ref, tok, own), name=n, fold=fold_index(tok, own))
+        else:
+            s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
+            c = chat_eval.score(model, parent, tok, ref, name=n)
         text = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
         chat = dict(data=str(chat_prompts), data_sha256=prompts_sha256, command=cmd)
         # Saved after each member (an interrupted eval loses nothing already measured), merged under a
@@ -133,9 +141,11 @@ def eval_cmd(
             AccuracyRecord(metric="chat_agreement", value=c.agreement, reference=parent_name, tokens=c.tokens, **chat),
             AccuracyRecord(metric="chat_kl", value=c.kl, reference=parent_name, tokens=c.tokens, **chat),
             AccuracyRecord(metric="degenerate_answers", value=c.degenerate_share, tokens=len(prompts), **chat),
+            AccuracyRecord(metric="degenerate_beyond_parent", tokens=len(prompts), **chat,
+                           value=sum(r is not None and not p for r, p in zip(c.reasons, parent_degenerate)) / len(prompts)),
             AccuracyRecord(metric="perplexity", value=s.perplexity, **text),
-            AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **text),
-            AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **text),
+            *([AccuracyRecord(metric="top1_agreement", value=s.top1_agreement, reference=parent_name, **text),
+               AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **text)] if s.top1_agreement is not None else []),
         ])
         answers = [{"prompt": p, "answer": a, "degenerate": r} for p, a, r in zip(prompts, c.answers, c.reasons)]
         atomic_write_text(out_dir / f"answers-{n}.json", json.dumps({"member": n, "command": cmd, "answers": answers}, indent=2) + "\n")
@@ -290,6 +300,14 @@ def _relative_ppl(member, parent) -> float | None:
     return mine.value / same[-1].value if same and same[-1].value else None
 
 
+def _degenerate(member) -> str:
+    """The share of degenerate chat answers, and in brackets the share where the parent's answer is not degenerate."""
+    raw, beyond = member.metric("degenerate_answers"), member.metric("degenerate_beyond_parent")
+    if raw is None:
+        return "-"
+    return f"{raw:.0%}" + (f" ({beyond:.0%})" if beyond is not None and not member.is_parent else "")
+
+
 def _c1_figures(prof, prompt_tokens: int = 32) -> tuple[float | None, float | None]:
     """(TTFT ms, tok/s) at concurrency 1: from a measured profile's samples (shortest prompt; 1/TPOT),
     from a predicted profile's latency law (a `prompt_tokens` prompt)."""
@@ -330,12 +348,13 @@ def show(
     table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})",
                   caption="chat agree: top-1 agreement with the parent's greedy answers on held-out chat prompts (what min_accuracy "
                           "filters on); chat KL: KL(parent‖member) on those answers, nats/token; degenerate: share of held-out chat "
-                          "answers that are degenerate; ppl: held-out text perplexity; ppl/parent: over the parent's on the same text; "
-                          f"unfit (never routed to): degenerate > {policy.max_degenerate:.0%} or chat agree < {policy.min_chat_agreement:g}; "
+                          "answers that are degenerate (in brackets: where the parent's answer is not); vocab: tokens the member can say (trimmed members are scored in their own tokens); "
+                          "ppl: held-out text perplexity, per parent token; ppl/parent: over the parent's on the same text; "
+                          f"unfit (never routed to): degenerate where the parent is not > {policy.max_degenerate:.0%} or chat agree < {policy.min_chat_agreement:g}; "
                           "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; mem GB: the member's own need, "
                           "weights + KV cache (what max_memory_gb compares; the runtime is shared, see below); "
                           "~ = predicted from the device's bandwidth and the member's bytes, never measured")
-    for col in ("member", "params (M)", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent"):
+    for col in ("member", "params (M)", "vocab", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent"):
         table.add_column(col, justify="right" if col != "member" else "left")
     for dc in classes:
         table.add_column(f"TTFT ms {dc}", justify="right")
@@ -347,8 +366,8 @@ def show(
         return "-" if v is None else mark + format(v, spec)
 
     for m in fam.registry.members:
-        row = [m.name, f"{m.parameters / 1e6:.1f}", f"{m.bytes['float32'] / 1e9:.3f}", f"{m.bytes['bfloat16'] / 1e9:.3f}",
-               fmt(m.quality, ".3f"), fmt(m.metric("chat_kl"), ".4f"), fmt(m.metric("degenerate_answers"), ".0%"),
+        row = [m.name, f"{m.parameters / 1e6:.1f}", fmt(m.vocab_size, "d"), f"{m.bytes['float32'] / 1e9:.3f}", f"{m.bytes['bfloat16'] / 1e9:.3f}",
+               fmt(m.quality, ".3f"), fmt(m.metric("chat_kl"), ".4f"), _degenerate(m),
                fmt(m.metric("perplexity"), ".2f"), fmt(_relative_ppl(m, parent), ".2f")]
         for dc in classes:
             prof = m.profile(dc, devices)

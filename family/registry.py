@@ -60,7 +60,7 @@ class FileRecord(_Model):
 class AccuracyRecord(_Model):
     """One measured accuracy figure, with enough context to reproduce it."""
 
-    # "chat_agreement", "chat_kl", "degenerate_answers" (held-out chat prompts), "perplexity",
+    # "chat_agreement", "chat_kl", "degenerate_answers", "degenerate_beyond_parent" (held-out chat prompts), "perplexity",
     # "top1_agreement", "mean_kl" (held-out plain text), "lm_eval:<task>", ...
     metric: str
     value: float
@@ -196,6 +196,7 @@ class MemberRecord(_Model):
     is_parent: bool = False
     derived_from: str | None = None  # the member it was cut from (None for the parent)
     ranks: dict[str, int] = Field(default_factory=dict)
+    vocab_size: int | None = None  # tokens it can say: below the parent's when its vocabulary is trimmed (plrd/vocab.py)
     parameters: int
     bytes: dict[str, int]  # weight bytes at each serving dtype
     max_model_len: int = defaults.MAX_MODEL_LEN
@@ -233,10 +234,14 @@ class MemberRecord(_Model):
         if self.is_parent:
             return None
         reasons = []
-        degenerate = self.latest("degenerate_answers")
+        # Degenerate answers the member adds to the parent's own (where `family eval` recorded which):
+        # a member that loops, word for word, exactly where the parent loops is the parent's model there.
+        beyond = self.latest("degenerate_beyond_parent")
+        degenerate = beyond or self.latest("degenerate_answers")
         if degenerate is not None and degenerate.value > policy.max_degenerate:
             of = f" of {degenerate.tokens} prompts" if degenerate.tokens else ""
-            reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{of} (max {_percent(policy.max_degenerate)})")
+            where = " where the parent's are not" if beyond else ""
+            reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{where}{of} (max {_percent(policy.max_degenerate)})")
         agreement = self.metric("chat_agreement")
         if agreement is not None and agreement < policy.min_chat_agreement:
             reasons.append(f"chat agreement {agreement:.3f} < {policy.min_chat_agreement:g}")
@@ -421,6 +426,7 @@ def describe_member(family_root: Path, member_dir: Path, *, name: str, is_parent
         bytes={dtype: params * size for dtype, size in DTYPE_BYTES.items()},
         max_model_len=min(int(config.get("max_position_embeddings", defaults.MAX_MODEL_LEN)), defaults.MAX_MODEL_LEN),
         kv_values_per_token=kv_values_per_token(config),
+        vocab_size=config.get("vocab_size"),
         files={
             f.name: FileRecord(sha256=sha256_file(f), size=f.stat().st_size, mtime_ns=f.stat().st_mtime_ns)
             for f in files

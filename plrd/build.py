@@ -20,6 +20,7 @@ On GPUs the same command runs data-parallel healing unchanged: `accelerate launc
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import shutil
@@ -47,6 +48,7 @@ from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
+from plrd.vocab import fold_index, reencode, trim_model, trim_tokenizer
 from plrd.width import parent_neurons, prune_width, read_neurons, refit_rows, width_for, write_neurons
 
 METHODS = ("whitened", "plain", "width")
@@ -70,6 +72,7 @@ class BuildConfig:
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
     on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(tokens=defaults.ON_POLICY_TOKENS))  # after healing, from the parent
+    vocab_size: int | None = defaults.VOCAB_SIZE  # every member keeps the parent's first N BPE tokens (plrd/vocab.py); None: the parent's vocabulary
     runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
@@ -144,6 +147,14 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     source = None if from_parent else read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
     parent, tokenizer = load_parent(cfg.parent)
     parent_params = count_parameters(parent)
+    # The family's vocabulary: members speak the parent's first `vocab_size` tokens (plrd/vocab.py);
+    # their data is re-encoded in them, and the parent's distribution is folded onto them (`fold`).
+    member_tok, fold = tokenizer, None
+    if cfg.vocab_size and cfg.vocab_size < parent.config.vocab_size:
+        if cfg.on_policy.tokens > 0:
+            raise FamilyError("on-policy distillation does not fold the parent's vocabulary onto a trimmed one: use --vocab-size 0 with --on-policy-tokens")
+        member_tok = trim_tokenizer(tokenizer, cfg.vocab_size)
+        fold = fold_index(tokenizer, member_tok)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -167,12 +178,15 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         # Named after the parent as given (runs/parent-X → corpus-X-<hash>), so other families of it reuse it.
         source_dir = Path(cfg.parent) if (Path(cfg.parent) / "config.json").is_file() else parent_dir
         corpus = make_corpus(parent, tokenizer, source_dir, cfg.runs_dir, cfg.corpus, progress=progress and state.is_main_process)
-        ids = corpus.token_ids()
+        sequences = [r["ids"] for r in corpus.records]
         data_record = {"source": "parent", "corpus": str(corpus.folder), "sha256": corpus.meta["sha256"],
                        "tokens": corpus.meta["tokens"], "generated_tokens": corpus.meta["generated_tokens"], "config": corpus.meta["config"]}
     else:
-        ids = tokenize(tokenizer, source.text)
+        sequences = [tokenize(tokenizer, source.text).tolist()]
         data_record = {"source": source.spec, "sha256": source.sha256}
+    if fold is not None:  # in a trimmed vocabulary, the same conversations and texts in the member's tokens
+        sequences = reencode(sequences, tokenizer, member_tok)
+    ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
     # On-policy distillation: the member answers the corpus's own seed prompts (never the held-out eval prompts).
     seed_prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in read_prompts(SEED_PROMPTS)[: cfg.corpus.max_prompts]] if cfg.on_policy.tokens > 0 else []
@@ -181,6 +195,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
 
     # `neurons`: which of the parent's MLP neurons each neuron of `current` is (the refit's targets).
     current, current_name, made, neurons = parent, parent_name(name), [], parent_neurons(parent)
+    if fold is not None:  # the first member is cut from the parent with its vocabulary trimmed
+        current = trim_model(copy.deepcopy(parent), cfg.vocab_size)
     for target in cfg.targets:
         this = member_name(name, target)
         member_dir = out / this
@@ -191,22 +207,26 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
-        grams = collect_grams(current, calib, progress=progress) if cfg.method in ("whitened", "width") else None
-        if cfg.method == "width":
+        # The vocabulary cut alone may reach the target: then nothing is pruned or refit.
+        cut = cfg.method != "width" or width_for(current, target, parent_params) < current.config.intermediate_size
+        grams = collect_grams(current, calib, progress=progress) if cut and cfg.method in ("whitened", "width") else None
+        if not cut:
+            member = current
+        elif cfg.method == "width":
             member, neurons = prune_width(current, width_for(current, target, parent_params), grams, neurons)
         else:
             sensitivity = output_sensitivity(current, calib[:16], progress=progress) if cfg.allocation == "sensitivity" else None
             member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, sensitivity=sensitivity, progress=progress)
         del grams
         refit_s = None
-        if cfg.init == "refit":
+        if cut and cfg.init == "refit":
             t_refit = time.perf_counter()
             sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), progress=progress)
             refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
         if cfg.heal.tokens > 0:
             teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
-            heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress)
+            heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress, fold=fold)
         on_policy = distill_on_policy(member, parent, tokenizer, seed_prompts, cfg.on_policy, cfg.heal, progress=progress)
         params = count_parameters(member)
         if not state.is_main_process:
@@ -216,20 +236,22 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             continue
         with atomic_dir(member_dir) as staging:
             member.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            member_tok.save_pretrained(staging)
             if member.config.intermediate_size != parent.config.intermediate_size:
                 write_neurons(staging, neurons)
             _write_provenance(
                 staging,
                 {
-                    "method": "width-pruning" if cfg.method == "width" else f"plrd-{cfg.method}-svd",
-                    "allocation": "uniform-width" if cfg.method == "width" else cfg.allocation,
+                    "method": "vocabulary-trim" if not cut else "width-pruning" if cfg.method == "width" else f"plrd-{cfg.method}-svd",
+                    "allocation": None if not cut else "uniform-width" if cfg.method == "width" else cfg.allocation,
+                    "vocabulary": {"size": member.config.vocab_size, "parent_size": parent.config.vocab_size,
+                                   "method": "the parent's first BPE merges" if fold is not None else "the parent's"},
                     "target": target,
                     "parameters": params,
                     "achieved_fraction": params / parent_params,
                     "parent": parent_name(name),
                     "derived_from": current_name,
-                    "init": {"method": cfg.init, "anchor": parent_name(name), "seconds": refit_s} if cfg.init == "refit" else {"method": "svd"},
+                    "init": None if not cut else {"method": cfg.init, "anchor": parent_name(name), "seconds": refit_s} if cfg.init == "refit" else {"method": "svd"},
                     "calibration": {
                         **data_record, "sequences": cfg.calib_sequences, "seq_len": cfg.calib_seq_len,
                     },

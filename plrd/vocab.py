@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from family.chat_eval import fold_logprobs
 from family.errors import FamilyError
 
 
@@ -84,4 +85,21 @@ def fold_index(tokenizer, trimmed) -> torch.Tensor:
         if i >= size:
             index[i] = bpe.tokenize(token)[0].id
     return index
+
+
+
+def reencode(sequences, tokenizer, trimmed) -> list[list[int]]:
+    """Token sequences of the parent's tokenizer, in the trimmed tokenizer's ids: each decoded to text
+    (special tokens such as the chat template's kept as text) and encoded again, so that the same
+    conversations and texts train and calibrate a member that cannot say the removed ids."""
+    return [trimmed(tokenizer.decode(list(s)), add_special_tokens=False)["input_ids"] for s in sequences]
+
+
+def teacher_logprobs(logits: torch.Tensor, index: torch.Tensor, size: int, temperature: float = 1.0) -> torch.Tensor:
+    """The parent's temperature-softened log-distribution folded onto a trimmed member's `size` ids,
+    multiplied back by the temperature: logits that `plrd.heal.distill_kl` softens into exactly that
+    folded distribution. Where nothing is trimmed (`size` is the logits' width) they are returned as they are."""
+    if logits.shape[-1] == size:
+        return logits
+    return fold_logprobs(torch.log_softmax(logits.float() / temperature, -1), index.to(logits.device), size) * temperature
 

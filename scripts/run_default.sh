@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default in one command, on a fresh machine (CPU is enough):
 #   set up .venv -> fetch the real SmolLM2-135M parent -> the parent answers the shipped chat prompts
-#   (its distillation corpus) -> build a small family (each member's MLPs pruned to fewer neurons,
+#   (its distillation corpus) -> build a small family (the parent's first BPE tokens, each member's MLPs pruned to fewer neurons,
 #   sequential refit to the parent, distillation from the parent) -> evaluate its faithfulness to the parent on held-out
 #   chat -> profile it on this machine -> serve it behind the budget-routing gateway.
 # Nothing outside this repository is needed (no ../shared): every text it uses ships in family/data.
@@ -11,7 +11,7 @@
 # Every step is resumable / skipped when its result is already there, so running it again just serves.
 # Knobs (environment variables, defaults in brackets):
 #   FAMILY_DIR [runs/family-smollm2-135m]   PARENT_DIR [runs/parent-smollm2-135m]
-#   TARGETS, HEAL_TOKENS (0 = no healing), CALIB_SEQUENCES [unset: `family build`'s defaults, family/defaults.py]
+#   TARGETS, HEAL_TOKENS (0 = no healing), VOCAB_SIZE (0 = the parent's), CALIB_SEQUENCES [unset: `family build`'s defaults, family/defaults.py]
 #   EVAL_WINDOWS [40, of the shipped held-out text]   PROFILE_ROUNDS [1]   DEVICE_CLASS [cpu-2core]   ENGINE [torch|vllm]
 #   HOST [127.0.0.1]   PORT [8000]   SKIP_SETUP [0]   REMEASURE [0: keep existing eval/profile records]
 set -euo pipefail
@@ -41,9 +41,9 @@ if [ ! -f "$PARENT_DIR/config.json" ]; then
   family fetch-base smollm2-135m --out "$PARENT_DIR"
 fi
 
-step "build the family: the parent's own corpus, MLP width pruning, refit, distillation from the parent -> $FAMILY_DIR (resumable)"
+step "build the family: the parent's own corpus, vocabulary trimming, MLP width pruning, refit, distillation from the parent -> $FAMILY_DIR (resumable)"
 family build --parent "$PARENT_DIR" --out "$FAMILY_DIR" ${TARGETS:+--targets "$TARGETS"} \
-  ${HEAL_TOKENS:+--heal-tokens "$HEAL_TOKENS"} ${CALIB_SEQUENCES:+--calib-sequences "$CALIB_SEQUENCES"}
+  ${HEAL_TOKENS:+--heal-tokens "$HEAL_TOKENS"} ${VOCAB_SIZE:+--vocab-size "$VOCAB_SIZE"} ${CALIB_SEQUENCES:+--calib-sequences "$CALIB_SEQUENCES"}
 
 # What is still to measure: members without an agreement figure / without a profile on this device class.
 missing() {

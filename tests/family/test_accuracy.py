@@ -105,6 +105,8 @@ def test_family_eval_stores_plausible_records(family_root):
     p100, p60 = reg.member("tiny-p100"), reg.member("tiny-p60")
     # The routing accuracy is chat agreement with the parent's greedy answers to held-out chat prompts.
     assert p100.quality == 1.0 and p100.metric("chat_kl") == pytest.approx(0, abs=1e-6)
+    assert p100.metric("degenerate_beyond_parent") == 0.0  # its degenerate answers, if any, are the parent's
+    assert p60.metric("degenerate_beyond_parent") <= p60.metric("degenerate_answers")
     assert p100.metric("top1_agreement") == 1.0 and p100.metric("mean_kl") == pytest.approx(0, abs=1e-6)
     assert 0 <= p60.quality <= 1.0 and p60.metric("chat_kl") > 0 and p60.metric("mean_kl") > 0
     assert all(0 <= m.metric("degenerate_answers") <= 1 for m in (p100, p60))  # a random tiny model babbles: any share
@@ -112,12 +114,13 @@ def test_family_eval_stores_plausible_records(family_root):
     for m in (p100, p60):
         ppl = m.metric("perplexity")
         assert 1 < ppl < 1e6 and math.isfinite(ppl)
-        assert {r.metric for r in m.accuracy} == {"perplexity", "top1_agreement", "mean_kl", "chat_agreement", "chat_kl", "degenerate_answers"}
+        assert {r.metric for r in m.accuracy} == {"perplexity", "top1_agreement", "mean_kl", "chat_agreement", "chat_kl", "degenerate_answers",
+                                                  "degenerate_beyond_parent"}
         for r in m.accuracy:
             assert r.command.startswith("family ") and "--windows 4" in r.command
-            if r.metric.startswith("chat_") or r.metric == "degenerate_answers":  # held-out chat prompts
+            if r.metric.startswith(("chat_", "degenerate_")):  # held-out chat prompts
                 assert r.data == str(defaults.EVAL_PROMPTS) and r.data_sha256 == sha256_file(defaults.EVAL_PROMPTS)
-                assert r.tokens == n_prompts if r.metric == "degenerate_answers" else r.tokens >= n_prompts
+                assert r.tokens == n_prompts if r.metric.startswith("degenerate_") else r.tokens >= n_prompts
             else:  # held-out plain text
                 assert r.data == str(defaults.EVAL_TEXT) and r.data_sha256 == sha256_file(defaults.EVAL_TEXT)
                 assert r.tokens == 4 * 63
@@ -127,7 +130,7 @@ def test_family_eval_stores_plausible_records(family_root):
     # --skip-measured resumes: nothing is measured twice.
     again = _cli(args + ["--skip-measured"])
     assert again.exit_code == 0 and "already measured" in again.output
-    assert len(read_registry(family_root).member("tiny-p60").accuracy) == 6
+    assert len(read_registry(family_root).member("tiny-p60").accuracy) == 7
     # Without lm-eval (or its data) the tasks are skipped with the reason, never faked.
     lm = _cli(args + ["--member", "tiny-p60", "--lm-eval-tasks", "boolq", "--skip-measured"])
     assert lm.exit_code == 0
@@ -197,3 +200,40 @@ def test_windows_are_the_first_n_in_order():
     assert windows(ids, 300, None).shape == (3, 300)
     with pytest.raises(FamilyError, match="not enough text"):
         windows(ids[:10], 100, 3)
+
+
+def test_perplexity_in_parent_tokens_is_the_parents_perplexity_when_the_tokens_are_the_same(models, ids, tiny_parent_dir):
+    from family.accuracy import perplexity_in_parent_tokens
+
+    parent = models[0]
+    tok = AutoTokenizer.from_pretrained(tiny_parent_dir)
+    rows = windows(ids, SEQ, WINDOWS)
+    own = perplexity_in_parent_tokens(parent, tok, tok, rows, progress=False)
+    assert own.perplexity == pytest.approx(perplexity(parent, ids, seq_len=SEQ, max_windows=WINDOWS, progress=False), rel=1e-3)
+    assert own.tokens == WINDOWS * (SEQ - 1) and own.top1_agreement is None
+
+
+def test_family_eval_scores_a_trimmed_vocabulary_member_in_its_own_tokens(tiny_parent_dir, tmp_path):
+    """A member that keeps the parent's first N tokens: chat scored on the parent's answers re-encoded in
+    its tokens, perplexity per parent token on the same text (comparable with the parent's)."""
+    import copy
+
+    from family.registry import sync_family
+    from plrd.vocab import trim_model, trim_tokenizer
+
+    root = build_tiny_family(tiny_parent_dir, tmp_path / "fam", fractions=())
+    parent = AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_parent_dir)
+    d = root / "tiny-p97"
+    trim_model(copy.deepcopy(parent), 320).save_pretrained(d)
+    trim_tokenizer(tok, 320).save_pretrained(d)
+    (d / "provenance.json").write_text(json.dumps({"method": "vocabulary-trim", "target": 0.97, "derived_from": "tiny-p100"}))
+    sync_family(root, parent_dir=root / "tiny-p100", family_name="tiny")
+    result = _cli(["eval", "--family", str(root), "--windows", "4", "--seq-len", "64", "--answer-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    reg = read_registry(root)
+    trimmed, p100 = reg.member("tiny-p97"), reg.member("tiny-p100")
+    assert {r.metric for r in trimmed.accuracy} == {"perplexity", "chat_agreement", "chat_kl", "degenerate_answers", "degenerate_beyond_parent"}
+    assert trimmed.latest("perplexity").tokens == p100.latest("perplexity").tokens == 4 * 63  # the parent's positions
+    assert 0.0 <= trimmed.quality <= 1.0 and trimmed.metric("chat_kl") >= 0
+    assert math.isfinite(trimmed.metric("perplexity"))

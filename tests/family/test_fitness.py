@@ -68,6 +68,10 @@ def test_an_older_family_json_without_a_policy_loads_with_the_defaults(tmp_path)
     ({"chat_agreement": 0.9, "degenerate_answers": 0.125}, "12% degenerate chat answers of 8 prompts (max 0%)"),
     ({"chat_agreement": 0.2, "degenerate_answers": 1.0},
      "100% degenerate chat answers of 8 prompts (max 0%); chat agreement 0.200 < 0.5"),
+    # A member that loops only where the parent itself loops is the parent's model there: fit.
+    ({"chat_agreement": 0.9, "degenerate_answers": 0.125, "degenerate_beyond_parent": 0.0}, None),
+    ({"chat_agreement": 0.9, "degenerate_answers": 0.25, "degenerate_beyond_parent": 0.125},
+     "12% degenerate chat answers where the parent's are not of 8 prompts (max 0%)"),
 ])
 def test_unfit_reason_under_the_default_policy(metrics, why):
     assert _member("f-p60", **metrics).unfit_reason(FitnessPolicy()) == why

@@ -170,3 +170,38 @@ def test_build_needs_no_shared_data_its_default_data_is_the_parents_own(tiny_par
     assert prov["distillation"]["weight"] == 1.0  # distilled from the parent by default
     [corpus] = (tmp_path / "runs").glob("corpus-*")
     assert prov["healing_data"]["corpus"] == str(corpus) and (corpus / "meta.json").is_file()
+
+
+def test_a_trimmed_vocabulary_is_every_members_own_and_alone_can_make_the_first_member(tiny_parent_dir, tmp_path):
+    """--vocab-size: every member keeps the parent's first N tokens (its tokenizer saved with it). A
+    target that the vocabulary cut alone reaches is not pruned or refit, only distilled; later members
+    are cut in width from it, in the same vocabulary, on the parent's corpus re-encoded in it."""
+    from plrd.corpus import CorpusConfig
+
+    size = 320
+    cfg = BuildConfig(
+        parent=tiny_parent_dir, targets=[0.97, 0.8], calib=defaults.CALIB_PARENT, out=tmp_path / "fam", name="tiny",
+        heal=HealConfig(tokens=256, seq_len=32, batch_size=2, grad_accum=1, distill_weight=1.0), method="width",
+        calib_sequences=4, calib_seq_len=32, corpus=CorpusConfig(max_prompts=6, max_new_tokens=8, max_openers=4),
+        runs_dir=tmp_path / "runs", vocab_size=size, command="test",
+    )
+    p97, p80 = build_family(cfg, progress=False)
+    for folder in (p97, p80):
+        model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        assert model.config.vocab_size == len(tok) == size
+        assert max(tok("The tower is tall and old.")["input_ids"]) < size
+    first, second = (json.loads((f / "provenance.json").read_text()) for f in (p97, p80))
+    assert first["method"] == "vocabulary-trim" and first["init"] is None and first["vocabulary"]["size"] == size
+    assert first["final_heal_loss"] > 0  # distilled from the parent, its distribution folded onto the kept ids
+    assert second["method"] == "width-pruning" and second["init"]["method"] == "refit" and second["vocabulary"]["size"] == size
+    assert abs(second["achieved_fraction"] - 0.8) < 0.01
+    assert load_family(tmp_path / "fam", verify="full").problems == {}
+
+
+def test_on_policy_distillation_is_refused_with_a_trimmed_vocabulary(tiny_parent_dir, tmp_path):
+    from plrd.onpolicy import OnPolicyConfig
+
+    cfg = _config(tiny_parent_dir, tmp_path)
+    cfg.vocab_size, cfg.on_policy = 320, OnPolicyConfig(tokens=64)
+    with pytest.raises(FamilyError, match="vocab-size 0"):
+        build_family(cfg, progress=False)

@@ -9,7 +9,8 @@ from tokenizers import Tokenizer
 
 from family import chat_eval
 from family.errors import FamilyError
-from plrd.vocab import fold_index, trim_model, trim_tokenizer
+from plrd.heal import distill_kl
+from plrd.vocab import fold_index, reencode, teacher_logprobs, trim_model, trim_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the capital of Japan is Tokyo. Ünïcödé too."
 
@@ -78,3 +79,27 @@ def test_refuses_what_would_not_be_the_parents_vocabulary(tiny):
     shuffled._tokenizer = Tokenizer.from_str(json.dumps(spec))
     with pytest.raises(FamilyError, match="not in id order"):
         trim_tokenizer(shuffled, len(tok) - 1)
+
+
+def test_the_parents_sequences_reencoded_say_the_same_text_in_kept_ids(tiny):
+    _, tok = tiny
+    small = trim_tokenizer(tok, len(tok) - 64)
+    chat = tok.apply_chat_template([{"role": "user", "content": TEXT}], add_generation_prompt=True, tokenize=False)
+    sequences = [tok(chat, add_special_tokens=False)["input_ids"], tok(TEXT)["input_ids"]]
+    again = reencode(sequences, tok, small)
+    assert all(max(ids) < len(small) for ids in again)
+    assert [small.decode(ids) for ids in again] == [tok.decode(ids) for ids in sequences]
+    assert again[0][0] == tok.convert_tokens_to_ids("<|im_start|>")  # the chat template's tokens stay special tokens
+
+
+def test_distilling_onto_a_trimmed_vocabulary_targets_the_folded_softened_parent(tiny):
+    _, tok = tiny
+    size = len(tok) - 64
+    index = fold_index(tok, trim_tokenizer(tok, size))
+    parent_logits, student_logits, t = torch.randn(5, len(tok)), torch.randn(5, size), 2.0
+    folded = chat_eval.fold_logprobs(torch.log_softmax(parent_logits / t, -1), index, size)  # what the member should say
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student_logits / t, -1), folded, log_target=True, reduction="none").sum(-1).mean() * t * t
+    got = distill_kl(student_logits, teacher_logprobs(parent_logits, index, size, t), t)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert teacher_logprobs(parent_logits, index, len(tok), t) is parent_logits  # nothing trimmed: unchanged
+
