@@ -126,7 +126,7 @@ class Gateway:
         kw = dict(prompt_tokens=p, max_tokens=o, pinned=pinned, exclude=tried, allowed=grant.members, cached=self.affinity.cached(key, p))
         result = route(self.family, self.pool, budget, live=self.live, **kw)
         live = self.affinity.prefer(key, result.choices, self.admission.free)
-        light = route(self.family, self.pool, budget, live=False, **kw).choices if self.live and (priority != "standard" or not live) else live
+        light = route(self.family, self.pool, budget, idle=True, **kw).choices if self.live and (priority != "standard" or not live) else live
         if not live and light and priority == "standard":
             if not budget.allow_best_effort:
                 raise self.admission.refuse(priority, "predicted queueing past the budget on every member that fits it", "predicted_queueing")

@@ -85,11 +85,11 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
 
 
 def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0,
-             devices: dict | None = None) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+             devices: dict | None = None, idle: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
-    skips their prefill."""
-    concurrency = w.load() + 1 if live else 1
+    skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts)."""
+    concurrency = w.load() + 1 if live and not idle else 1
     if cached and w.spec.prefix_caching:
         prompt_tokens = max(1, prompt_tokens - cached)
     base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency, devices)  # measured, else predicted
@@ -123,11 +123,13 @@ def _tokens(prompt_tokens: PromptTokens, member: str) -> int:
 def route(
     family: Family, pool: Pool, budget: Budget, *, prompt_tokens: PromptTokens, max_tokens: int, pinned: str | None = None,
     exclude: set[str] = frozenset(), live: bool = True, allowed: frozenset[str] | None = None,
-    cached: Mapping[tuple[str, str], int] | None = None,
+    cached: Mapping[tuple[str, str], int] | None = None, idle: bool = False,
 ) -> RouteResult:
     """Every (member, worker) that fits, best first, and for the rest why not. O(members × workers).
     `allowed`: the only members a routed request may reach (its API key's list, server.caps).
-    `cached`: (worker, member) → prompt tokens it likely has cached for this request (server.affinity)."""
+    `cached`: (worker, member) → prompt tokens it likely has cached for this request (server.affinity).
+    `idle`: what would fit with no load on any worker, at each worker's observed speed (admission
+    control: what only load keeps from fitting is worth waiting for; what is too slow even idle is not)."""
     members = [family.registry.member(pinned)] if pinned else [m for m in family.servable if allowed is None or m.name in allowed]
     result = RouteResult(pinned=pinned)
     fits: list[tuple[tuple, float, Choice]] = []
@@ -146,7 +148,7 @@ def route(
         best_verdict = None
         for w in workers:
             verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
-            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices) if verdict is None else (None, None)
+            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices, idle) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")

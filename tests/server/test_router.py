@@ -174,6 +174,20 @@ def test_observed_slowness_corrects_the_prediction(family):
     assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
 
 
+def test_idle_routing_ignores_load_but_keeps_the_observed_speed(family):
+    """What would fit with no load (admission control: worth waiting for) is judged at the worker's
+    observed speed: a worker slower than its profile does not fit an idle budget it only fits on paper,
+    so a request it cannot meet gets a 422, not a 503 'busy' that no retry would fix."""
+    pool = _pool({"f-p80": 1})
+    [w] = pool.for_member("f-p80")
+    w.running, w.waiting = 2, 3  # +5 queued → ttft 150 + 250 ms
+    assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
+    assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, idle=True).choices  # only load stands in the way
+    w.ttft_ratio = 3.0  # and now it is slower than its profile: 450 ms even idle
+    assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, idle=True).choices
+    assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, live=False).choices  # the static table still fits
+
+
 def test_unavailable_workers_and_excluded_ones_are_skipped(family):
     pool = _pool({"f-p100": 2, "f-p80": 1})
     a, b = pool.for_member("f-p100")
