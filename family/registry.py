@@ -237,10 +237,10 @@ class MemberRecord(_Model):
         # Degenerate answers the member adds to the parent's own (where `family eval` recorded which):
         # a member that loops, word for word, exactly where the parent loops is the parent's model there.
         beyond = self.latest("degenerate_beyond_parent")
-        degenerate = beyond or self.latest("degenerate_answers")
+        degenerate = beyond if beyond is not None else self.latest("degenerate_answers")
         if degenerate is not None and degenerate.value > policy.max_degenerate:
             of = f" of {degenerate.tokens} prompts" if degenerate.tokens else ""
-            where = " where the parent's are not" if beyond else ""
+            where = " where the parent's are not" if beyond is not None else ""
             reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{where}{of} (max {_percent(policy.max_degenerate)})")
         agreement = self.metric("chat_agreement")
         if agreement is not None and agreement < policy.min_chat_agreement:
