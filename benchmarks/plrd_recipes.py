@@ -19,9 +19,12 @@ the wall time of making each member. Rows:
   distillation from the parent on its corpus, progressive). With --default-family the members of such
   a family are measured (`scripts/run_default.sh` built one until width pruning became the default),
   else they are built here;
-- `width + refit + KD`: with --width-family, the members of a `family build --method width` family
-  (today's `run_default.sh` family).
-`--rows` picks rows (old, svd, refit, width, width-refit, kd, width-kd; default: those of the original
+- `width + refit + KD`: with --width-family, the members of a `family build --vocab-size 0` family
+  (width pruning with the whole vocabulary: `run_default.sh`'s family before 2026-12-06);
+- `vocabulary + width + refit + KD`: with --vocab-family, the members of a family with a trimmed
+  vocabulary (today's `run_default.sh` family), scored in their own tokens as `family eval` scores them.
+Rows built here keep the parent's whole vocabulary (`vocab_size=None`), as they did when first measured.
+`--rows` picks rows (old, svd, refit, width, width-refit, kd, width-kd, vocab-kd; default: those of the original
 table). The no-training rows are each cut from the parent, the others progressively. The parent's
 corpus is made once (cached); its time is reported apart.
 """
@@ -38,11 +41,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import family  # noqa: F401  (registers the low-rank architecture)
 from family import chat_eval, defaults
-from family.accuracy import perplexity
+from family.accuracy import perplexity, perplexity_in_parent_tokens, windows
 from family.data import read_prompts
 from family.registry import read_registry
 from plrd.build import BuildConfig, build_family
@@ -56,7 +59,7 @@ from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
 from plrd.width import parent_neurons, prune_width, refit_rows, width_for
 
-ROWS = ("old", "svd", "refit", "width", "width-refit", "kd", "width-kd")
+ROWS = ("old", "svd", "refit", "width", "width-refit", "kd", "width-kd", "vocab-kd")
 
 
 def main() -> None:
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--rows", default="old,svd,refit,kd", help=f"which rows: {', '.join(ROWS)}")
     ap.add_argument("--allocation", default=defaults.ALLOCATION, choices=("allocated", "sensitivity", "uniform"), help="ranks of the SVD rows")
     ap.add_argument("--width-family", type=Path, default=None, help="the width-kd row: a family built with `family build --method width`")
+    ap.add_argument("--vocab-family", type=Path, default=None, help="the vocab-kd row: a family built with a trimmed vocabulary (run_default.sh's)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench/recipes"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -82,6 +86,8 @@ def main() -> None:
         wanted.discard("old")
     if "width-kd" in wanted and not args.width_family:
         ap.error("--rows width-kd needs --width-family (a family built with `family build --method width`)")
+    if "vocab-kd" in wanted and not args.vocab_family:
+        ap.error("--rows vocab-kd needs --vocab-family (a family built with a trimmed vocabulary, as run_default.sh builds it)")
 
     parent_dir = Path(args.parent)
     parent, tok = load_parent(parent_dir)
@@ -97,9 +103,12 @@ def main() -> None:
     parent_ppl = perplexity(parent, held_ids, 512, None, progress=False)
     rows: list[dict] = []
 
-    def record(recipe: str, target: float, model, tokens: int, wall_s: float) -> None:
-        c = chat_eval.score(model, parent, tok, ref, name=f"{recipe} {target}")
-        ppl = perplexity(model, held_ids, 512, None, progress=False)
+    def record(recipe: str, target: float, model, tokens: int, wall_s: float, own_tok=None) -> None:
+        c = chat_eval.score_member(model, parent, tok, own_tok or tok, ref, name=f"{recipe} {target}")
+        if model.config.vocab_size < parent.config.vocab_size:  # a trimmed vocabulary: per parent token, as `family eval`
+            ppl = perplexity_in_parent_tokens(model, own_tok, tok, windows(held_ids, 512, None), progress=False).perplexity
+        else:
+            ppl = perplexity(model, held_ids, 512, None, progress=False)
         row = {"recipe": recipe, "target": target, "params_fraction": round(count_parameters(model) / P, 4),
                "chat_agreement": round(c.agreement, 4), "chat_kl": round(c.kl, 4), "ppl_ratio": round(ppl / parent_ppl, 3),
                "degenerate": f"{round(c.degenerate_share * len(prompts))}/{len(prompts)}", "train_tokens": tokens,
@@ -117,7 +126,7 @@ def main() -> None:
                 continue
             prov = json.loads((root / m.path / "provenance.json").read_text())
             member = AutoModelForCausalLM.from_pretrained(root / m.path, dtype=torch.float32).eval()
-            record(recipe, prov["target"], member, prov["healing"].get("tokens") or 0, prov["wall_s"])
+            record(recipe, prov["target"], member, prov["healing"].get("tokens") or 0, prov["wall_s"], AutoTokenizer.from_pretrained(root / m.path))
 
     # The old default: WikiText calibration and LM-loss healing, progressive.
     if "old" in wanted:
@@ -125,7 +134,7 @@ def main() -> None:
         build_family(BuildConfig(
             parent=parent_dir, targets=targets, calib=str(defaults.WIKITEXT_VALID), out=old, name="old", init="svd",
             heal=HealConfig(tokens=args.old_heal_tokens, seq_len=256, grad_accum=2, lr=3e-4, train="factors"),  # as it was
-            calib_sequences=32, calib_seq_len=512, command=command,
+            calib_sequences=32, calib_seq_len=512, command=command, vocab_size=None,
         ))
         from_disk(old, "WikiText LM loss (old default)")
 
@@ -164,13 +173,15 @@ def main() -> None:
     # The default recipe, and the width family.
     if "width-kd" in wanted:
         from_disk(args.width_family, "width + refit + KD")
+    if "vocab-kd" in wanted:
+        from_disk(args.vocab_family, "vocabulary + width + refit + KD")
     if "kd" in wanted:
         kd = args.default_family or args.work / "kd"
         if not args.default_family:
             build_family(BuildConfig(
                 parent=parent_dir, targets=targets, calib="parent", out=kd, name="kd",
                 heal=HealConfig(tokens=args.heal_tokens, seq_len=256, distill_weight=1.0),  # `family build`'s defaults
-                method="whitened", command=command,
+                method="whitened", command=command, vocab_size=None,
             ))
         from_disk(kd, "+ KD on parent data (SVD)")
 

@@ -34,7 +34,8 @@ from family.data import read_prompts
 from plrd.data import read_source, tokenize
 from plrd.factorize import count_parameters
 from plrd.parent import load_parent
-from plrd.vocab import fold_index, trim_model, trim_tokenizer
+from family.chat_eval import fold_index
+from plrd.vocab import trim_model, trim_tokenizer
 
 
 def main() -> None:

@@ -72,6 +72,21 @@ def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = AN
     return ChatReference(prompts, prompt_ids, answers)
 
 
+def fold_index(tokenizer, trimmed) -> torch.Tensor:
+    """For each of the parent's ids, the member id that a member spelling it in pieces starts with
+    (its own id where kept; `trimmed` keeps the parent's first ids, plrd/vocab.py). The parent's
+    probabilities summed by this index (`fold_logprobs`) are its next-token distribution in the
+    member's vocabulary: what the member should predict."""
+    vocab = tokenizer.get_vocab()
+    size = len(trimmed.get_vocab())
+    index = torch.arange(max(vocab.values()) + 1)
+    bpe = trimmed.backend_tokenizer.model
+    for token, i in vocab.items():
+        if i >= size:
+            index[i] = bpe.tokenize(token)[0].id
+    return index
+
+
 def fold_logprobs(logprobs: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Log-probabilities over a larger vocabulary summed onto `size` ids by `index` (one per larger id)."""
     probs = torch.zeros(*logprobs.shape[:-1], size, dtype=logprobs.dtype, device=logprobs.device).index_add_(-1, index, logprobs.exp())
@@ -113,7 +128,7 @@ def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8,
     """Chat agreement, KL and degeneracy of `member` against the parent's reference answers.
     The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax).
     With a trimmed vocabulary, `ref` is in the member's tokens (`in_tokens_of`) and `fold` maps the
-    parent's ids onto the member's (plrd.vocab.fold_index): KL is then to the parent's distribution
+    parent's ids onto the member's (`fold_index`): KL is then to the parent's distribution
     summed onto the ids the member can say."""
     agree, kl, tokens = 0, 0.0, 0
     for rows in _batches(len(ref.prompts), batch_size):
@@ -131,3 +146,11 @@ def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8,
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in own]
     reasons = [degenerate_reason(t) for t in texts]
     return ChatScores(agree / max(1, tokens), kl / max(1, tokens), tokens, sum(r is not None for r in reasons) / len(texts), texts, reasons)
+
+
+def score_member(member, parent, parent_tokenizer, member_tokenizer, ref: ChatReference, **kwargs) -> ChatScores:
+    """`score`, in the member's own tokens when its vocabulary is the parent's trimmed (plrd/vocab.py)."""
+    if member.config.vocab_size < parent.config.vocab_size:
+        return score(member, parent, member_tokenizer, in_tokens_of(ref, parent_tokenizer, member_tokenizer),
+                     fold=fold_index(parent_tokenizer, member_tokenizer), **kwargs)
+    return score(member, parent, parent_tokenizer, ref, **kwargs)

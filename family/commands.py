@@ -89,7 +89,6 @@ def eval_cmd(
     from family.registry import AccuracyRecord, FitnessPolicy, load_family
     from family.storage import atomic_write_text, sha256_file
     from plrd.data import read_source, tokenize
-    from plrd.vocab import fold_index
 
     fam = load_family(family_dir)
     names = _selected(fam, member)
@@ -126,13 +125,12 @@ def eval_cmd(
     # The parent first (one forward pass per window), then each member against it.
     for n in sorted(todo, key=lambda n: n != parent_name):
         model = parent if n == parent_name else load(n)
-        if model.config.vocab_size < parent.config.vocab_size:  # a trimmed vocabulary (plrd/vocab.py): scored in its own tokens
-            own = AutoTokenizer.from_pretrained(fam.member_dir(n))
+        own = tok if model is parent else AutoTokenizer.from_pretrained(fam.member_dir(n))
+        if model.config.vocab_size < parent.config.vocab_size:  # a trimmed vocabulary (plrd/vocab.py): in its own tokens
             s = perplexity_in_parent_tokens(model, own, tok, rows)
-            c = chat_eval.score(model, parent, own, chat_eval.in_tokens_of(ref, tok, own), name=n, fold=fold_index(tok, own))
         else:
             s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
-            c = chat_eval.score(model, parent, tok, ref, name=n)
+        c = chat_eval.score_member(model, parent, tok, own, ref, name=n)
         text = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
         chat = dict(data=str(chat_prompts), data_sha256=prompts_sha256, command=cmd)
         # Saved after each member (an interrupted eval loses nothing already measured), merged under a

@@ -48,7 +48,8 @@ from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
-from plrd.vocab import fold_index, reencode, trim_model, trim_tokenizer
+from family.chat_eval import fold_index
+from plrd.vocab import reencode, trim_model, trim_tokenizer
 from plrd.width import parent_neurons, prune_width, read_neurons, refit_rows, width_for, write_neurons
 
 METHODS = ("whitened", "plain", "width")

@@ -101,7 +101,7 @@ def heal(
     fold: torch.Tensor | None = None,
 ) -> HealResult:
     """Train `model` in place on rows of `sequences` (N × seq_len) until `cfg.tokens` are seen.
-    `fold` (plrd.vocab.fold_index): the member's vocabulary is the teacher's trimmed; the teacher's
+    `fold` (family.chat_eval.fold_index): the member's vocabulary is the teacher's trimmed; the teacher's
     distribution is summed onto the member's ids before the KL."""
     if cfg.tokens <= 0:
         return HealResult(0, 0, 0.0, float("nan"), float("nan"))

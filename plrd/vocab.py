@@ -72,22 +72,6 @@ def trim_model(model: nn.Module, size: int) -> nn.Module:
     return model
 
 
-def fold_index(tokenizer, trimmed) -> torch.Tensor:
-    """For each of the parent's ids, the member id that a member spelling it in pieces starts with
-    (its own id where kept). The parent's probabilities summed by this index
-    (family.chat_eval.fold_logprobs) are its next-token distribution in the member's vocabulary:
-    what the member should predict."""
-    vocab = _bpe(tokenizer)["model"]["vocab"]
-    size = len(trimmed.get_vocab())
-    index = torch.arange(max(vocab.values()) + 1)
-    bpe = trimmed.backend_tokenizer.model
-    for token, i in vocab.items():
-        if i >= size:
-            index[i] = bpe.tokenize(token)[0].id
-    return index
-
-
-
 def reencode(sequences, tokenizer, trimmed) -> list[list[int]]:
     """Token sequences of the parent's tokenizer, in the trimmed tokenizer's ids: each decoded to text
     (special tokens such as the chat template's kept as text) and encoded again, so that the same

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 from family import chat_eval
 from family.errors import FamilyError
 from plrd.heal import distill_kl
-from plrd.vocab import fold_index, reencode, teacher_logprobs, trim_model, trim_tokenizer
+from family.chat_eval import fold_index
+from plrd.vocab import reencode, teacher_logprobs, trim_model, trim_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the capital of Japan is Tokyo. Ünïcödé too."
 
