@@ -209,12 +209,13 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             continue
         started, t0 = now_iso(), time.perf_counter()
         # The vocabulary cut alone may reach the target: then nothing is pruned or refit.
-        cut = cfg.method != "width" or width_for(current, target, parent_params) < current.config.intermediate_size
+        width = width_for(current, target, parent_params) if cfg.method == "width" else None
+        cut = width is None or width < current.config.intermediate_size
         grams = collect_grams(current, calib, progress=progress) if cut and cfg.method in ("whitened", "width") else None
         if not cut:
             member = current
         elif cfg.method == "width":
-            member, neurons = prune_width(current, width_for(current, target, parent_params), grams, neurons)
+            member, neurons = prune_width(current, width, grams, neurons)
         else:
             sensitivity = output_sensitivity(current, calib[:16], progress=progress) if cfg.allocation == "sensitivity" else None
             member = factorize(current, target, parent_params, grams=grams, allocation=cfg.allocation, sensitivity=sensitivity, progress=progress)
