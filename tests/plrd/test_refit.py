@@ -32,6 +32,16 @@ def test_refit_of_a_full_rank_member_is_the_parent(tiny, calib_rows):
     assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
 
 
+def test_refit_leaves_a_member_that_is_already_the_parent_as_it_is(tiny, calib_rows):
+    # The damping pulls towards the member's own weights, not towards zero: a projection whose inputs
+    # and weights are the parent's has nothing to fix, whatever the damping.
+    parent, _ = tiny
+    member = copy.deepcopy(parent)
+    sequential_refit(parent, member, calib_rows, damping=1.0, progress=False)
+    for (name, a), b in zip(parent.named_parameters(), member.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_refit_keeps_the_ranks_and_is_closer_to_the_parent_than_the_svd(tiny, calib_rows):
     parent, tok = tiny
     grams = collect_grams(parent, calib_rows, progress=False)
