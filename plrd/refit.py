@@ -111,8 +111,8 @@ def refit_projection(module: nn.Module, W: torch.Tensor, G: torch.Tensor, C: tor
     d = len(G)
     delta = damping * G.diagonal().mean().clamp_min(1e-12)
     L = torch.linalg.cholesky(G + delta * torch.eye(d, dtype=torch.float64))
-    current = module.weight if not isinstance(module, LowRankLinear) else module.B.weight @ module.A.weight
-    M = torch.cholesky_solve((W.double() @ C + delta * current.detach().double()).T, L).T  # (W·C + δ·M₀)·(G + δI)⁻¹
+    current = module.weight.detach().double()  # M₀ (a LowRankLinear's `weight` is its product B·A)
+    M = torch.cholesky_solve((W.double() @ C + delta * current).T, L).T  # (W·C + δ·M₀)·(G + δI)⁻¹
     if not isinstance(module, LowRankLinear):
         if dense:
             module.weight.copy_(M.to(module.weight.dtype))
