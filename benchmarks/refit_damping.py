@@ -1,6 +1,7 @@
 """How close to the parent is a width-pruned member before distillation, and what does the refit add?
 
-The parent's vocabulary is trimmed to its first V tokens (plrd/vocab.py), every MLP pruned to W
+The parent's vocabulary is trimmed to V tokens as `family build` trims it (the ones it uses most on
+its corpus; `--select first`: the BPE's first V, as before 2026-12-07; plrd/vocab.py), every MLP pruned to W
 neurons (plrd/width.py, the calibration Grams of the trimmed parent on its own corpus, re-encoded),
 then each row: the pruned member as it is, and after `sequential_refit` (plrd/refit.py) at each
 damping. No distillation, so the rows measure the cut and the refit alone. Scored as `family eval`
@@ -27,13 +28,14 @@ import family  # noqa: F401
 from family import chat_eval, defaults
 from family.accuracy import evaluate, perplexity_in_parent_tokens, windows
 from family.data import read_prompts
+from family.vocab_map import VocabMap
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.data import pack, read_source, tokenize
 from plrd.factorize import count_parameters
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
-from plrd.vocab import reencode, trim_model, trim_tokenizer
+from plrd.vocab import first_ids, most_used_vocabulary, reencode, trim_model, trim_tokenizer
 from plrd.width import parent_neurons, prune_width, refit_rows
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parent", default=str(defaults.DEFAULT_PARENT_DIR))
     ap.add_argument("--vocab-size", type=int, default=defaults.VOCAB_SIZE)
+    ap.add_argument("--select", choices=("usage", "first"), default="usage", help="which V tokens: the parent's most used (family build's), or the BPE's first")
     ap.add_argument("--widths", default="1290,1031", help="MLP widths to prune to")
     ap.add_argument("--dampings", default="0.01,0.1,0.3", help="refit dampings (relative to the Gram's mean diagonal)")
     ap.add_argument("--json", help="also write the rows here")
@@ -58,12 +61,16 @@ def main() -> None:
     if not 0 < args.vocab_size <= parent.config.vocab_size or any(not 0 < w <= parent.config.intermediate_size for w in widths):
         ap.error(f"--vocab-size up to {parent.config.vocab_size}, --widths up to {parent.config.intermediate_size}")
     P = count_parameters(parent)
-    member_tok = trim_tokenizer(tok, args.vocab_size)
-    base = trim_model(copy.deepcopy(parent), args.vocab_size).eval()
-
     # The data `family build` calibrates on: the parent's own corpus (cached), in the member's tokens.
     corpus = make_corpus(parent, tok, Path(args.parent), defaults.RUNS_DIR, CorpusConfig())
-    ids = torch.tensor([t for s in reencode([r["ids"] for r in corpus.records], tok, member_tok) for t in s])
+    sequences = [r["ids"] for r in corpus.records]
+    if args.select == "usage":
+        member_tok = most_used_vocabulary(parent, tok, sequences, args.vocab_size, seq_len=defaults.HEAL_SEQ_LEN)
+    else:
+        member_tok = trim_tokenizer(tok, first_ids(args.vocab_size))
+    vocab = VocabMap.between(tok, member_tok)
+    base = trim_model(copy.deepcopy(parent), vocab.to_parent.tolist()).eval()
+    ids = torch.tensor([t for s in reencode(sequences, tok, member_tok) for t in s])
     calib = pack(ids, defaults.CALIB_SEQ_LEN, defaults.CALIB_SEQUENCES, seed=0)
     grams = collect_grams(base, calib)
 
@@ -78,7 +85,7 @@ def main() -> None:
     def measure(width: int, step: str, model, seconds: float) -> None:
         chat = chat_eval.score_member(model, parent, tok, member_tok, ref, progress=False)
         ppl = perplexity_in_parent_tokens(model, member_tok, tok, rows, progress=False).perplexity
-        row = {"vocab": args.vocab_size, "width": width, "step": step, "params": count_parameters(model) / P,
+        row = {"vocab": args.vocab_size, "select": args.select, "width": width, "step": step, "params": count_parameters(model) / P,
                "chat_agreement": chat.agreement, "chat_kl": chat.kl, "degenerate": round(chat.degenerate_share * len(prompts)),
                "prompts": len(prompts), "ppl_ratio": ppl / parent_ppl, "seconds": round(seconds, 1)}
         results.append(row)
@@ -90,7 +97,7 @@ def main() -> None:
         for damping in dampings:
             member = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), damping=damping)
+            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), damping=damping, vocab=vocab)
             measure(width, f"refit δ={damping:g}", member, time.perf_counter() - t0)
 
     print(f"\n{shlex.join(['python', *sys.argv])}")

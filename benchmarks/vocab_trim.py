@@ -1,7 +1,9 @@
-"""How faithful is a model whose vocabulary is cut to the BPE's first V tokens (plrd/vocab.py)?
+"""How faithful is a model whose vocabulary is cut to V tokens (plrd/vocab.py)?
 
-No training: the parent (or a member) keeps the first V rows of its tied embedding / LM head and the
-tokenizer keeps its first V − (specials + alphabet) merges. Measured as `family eval` measures members,
+Which V tokens (`--select`): `usage`, the ones the parent puts most probability on over its own
+corpus, closed under BPE merges (what `family build` keeps); `first`, the BPE's first V ids (its
+first merges; the default before 2026-12-07). No training: the model keeps those rows of its tied
+embedding / LM head and the tokenizer keeps the merges that make them. Measured as `family eval` measures members,
 with the parent's held-out greedy answers re-encoded in the trimmed tokenizer's ids:
 - chat agreement: the share of those tokens that are the model's argmax;
 - chat KL: KL(parent ‖ model), the parent's distribution summed onto the ids the model can say (a
@@ -14,7 +16,7 @@ At the full vocabulary, two rows: the untrimmed model scored as `family eval` sc
 the re-encoded answers ("re-encoded"): what re-encoding alone costs (a generated token sequence is not
 always the canonical encoding of its text).
 
-    python benchmarks/vocab_trim.py --sizes 49152,32768,24576,16384
+    python benchmarks/vocab_trim.py --sizes 49152,32768,24576,16384 --select first,usage
     python benchmarks/vocab_trim.py --models runs/family-smollm2-135m/smollm2-135m-p90 --sizes 49152,32768,24576
 """
 
@@ -27,15 +29,18 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 import family  # noqa: F401
 from family import chat_eval, defaults
 from family.accuracy import perplexity
 from family.data import read_prompts
-from plrd.data import read_source, tokenize
+from plrd.data import pack, read_source, tokenize
 from plrd.factorize import count_parameters
 from plrd.parent import load_parent
-from family.chat_eval import fold_index
-from plrd.vocab import trim_model, trim_tokenizer
+from family.vocab_map import VocabMap
+from plrd.corpus import CorpusConfig, make_corpus
+from plrd.vocab import choose_vocabulary, first_ids, token_usage, trim_model, trim_tokenizer
 
 
 def main() -> None:
@@ -43,12 +48,16 @@ def main() -> None:
     ap.add_argument("--parent", default=str(defaults.DEFAULT_PARENT_DIR))
     ap.add_argument("--models", default="", help="comma-separated model folders to trim (default: the parent)")
     ap.add_argument("--sizes", default="49152,32768,24576,16384", help="vocabulary sizes to keep")
+    ap.add_argument("--select", default="usage", help="comma-separated: usage (the parent's most used tokens), first (the BPE's first ids)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         ap.error(f"--sizes: give whole numbers separated by commas, got {args.sizes!r}")
+    selects = [x for x in args.select.split(",") if x]
+    if not selects or set(selects) - {"usage", "first"}:
+        ap.error(f"--select: usage and/or first, got {args.select!r}")
     if missing := [m for m in args.models.split(",") if m and not (Path(m) / "config.json").is_file()]:
         ap.error(f"--models: no model folder at {', '.join(missing)}")
     parent, tok = load_parent(Path(args.parent))
@@ -64,33 +73,37 @@ def main() -> None:
         return math.log(perplexity(model, ids, 512, None, progress=False)) * (len(ids) - math.ceil(len(ids) / 512)) / len(text), len(ids)
 
     parent_nll, parent_tokens = nll_per_char(parent, tok)
+    if "usage" in selects:  # the parent's expected token counts on its own corpus, as `family build` takes them
+        corpus = make_corpus(parent, tok, Path(args.parent), defaults.RUNS_DIR, CorpusConfig())
+        usage = token_usage(parent, pack(torch.tensor([t for r in corpus.records for t in r["ids"]]), defaults.HEAL_SEQ_LEN))
     rows = []
-    for folder in args.models.split(",") if args.models else [args.parent]:
-        for size in sizes:
-            model, member_tok = load_parent(Path(folder))
-            full = size >= model.config.vocab_size
-            if not full:
-                trim_model(model, size)
-                member_tok = trim_tokenizer(member_tok, size)
-            nll, n = nll_per_char(model, member_tok)
-            for reencode in (False, True) if full else (True,):
-                if reencode:
-                    member_ref, fold = chat_eval.in_tokens_of(ref, tok, member_tok), fold_index(tok, member_tok)
-                else:
-                    member_ref, fold = ref, None
-                c = chat_eval.score(model, parent, member_tok, member_ref, fold=fold, progress=False)
-                rows.append(row := {
-                    "model": Path(folder).name, "vocab": f"{size} re-encoded" if full and reencode else size,
-                    "params_fraction": round(count_parameters(model) / P, 4),
-                    "chat_agreement": round(c.agreement, 4), "chat_kl": round(c.kl, 4),
-                    "degenerate": f"{round(c.degenerate_share * len(prompts))}/{len(prompts)}",
-                    "ppl_per_char_ratio": round(math.exp(nll - parent_nll), 3), "tokens_ratio": round(n / parent_tokens, 4),
-                    "first_answer": c.answers[0][:80]})
-                print(json.dumps(row), flush=True)
-    print("| model | vocab | params × parent | chat agreement | chat KL | degenerate | ppl/char × parent | tokens × |")
-    print("|---|---|---|---|---|---|---|---|")
+    for folder, size, select in [(f, size, sel) for f in (args.models.split(",") if args.models else [args.parent]) for size in sizes for sel in selects]:
+        model, member_tok = load_parent(Path(folder))
+        full = size >= model.config.vocab_size
+        if full and select != selects[0]:
+            continue  # nothing is trimmed: one row whatever the selection
+        if not full:
+            member_tok = trim_tokenizer(tok, choose_vocabulary(tok, usage, size) if select == "usage" else first_ids(size))
+            trim_model(model, VocabMap.between(tok, member_tok).to_parent.tolist())
+        nll, n = nll_per_char(model, member_tok)
+        for reencode in (False, True) if full else (True,):
+            if reencode:
+                member_ref, vocab = chat_eval.in_tokens_of(ref, tok, member_tok), VocabMap.between(tok, member_tok)
+            else:
+                member_ref, vocab = ref, None
+            c = chat_eval.score(model, parent, member_tok, member_ref, vocab=vocab, progress=False)
+            rows.append(row := {
+                "model": Path(folder).name, "vocab": f"{size} re-encoded" if full and reencode else size, "select": "-" if full else select,
+                "params_fraction": round(count_parameters(model) / P, 4),
+                "chat_agreement": round(c.agreement, 4), "chat_kl": round(c.kl, 4),
+                "degenerate": f"{round(c.degenerate_share * len(prompts))}/{len(prompts)}",
+                "ppl_per_char_ratio": round(math.exp(nll - parent_nll), 3), "tokens_ratio": round(n / parent_tokens, 4),
+                "first_answer": c.answers[0][:80]})
+            print(json.dumps(row), flush=True)
+    print("| model | vocab | kept | params × parent | chat agreement | chat KL | degenerate | ppl/char × parent | tokens × |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['vocab']} | {r['params_fraction']:.3f} | {r['chat_agreement']:.3f} | {r['chat_kl']:.3f} | "
+        print(f"| {r['model']} | {r['vocab']} | {r['select']} | {r['params_fraction']:.3f} | {r['chat_agreement']:.3f} | {r['chat_kl']:.3f} | "
               f"{r['degenerate']} | {r['ppl_per_char_ratio']:.2f} | {r['tokens_ratio']:.3f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from family.degeneracy import degenerate_reason
 from family.generate import chat_prompt_ids, generate
+from family.vocab_map import VocabMap
 
 ANSWER_TOKENS = 64  # greedy tokens per answer: enough to see an answer go wrong, short enough for CPUs
 
@@ -72,27 +73,6 @@ def reference(parent, tokenizer, prompts: list[str], *, max_new_tokens: int = AN
     return ChatReference(prompts, prompt_ids, answers)
 
 
-def fold_index(tokenizer, trimmed) -> torch.Tensor:
-    """For each of the parent's ids, the member id that a member spelling it in pieces starts with
-    (its own id where kept; `trimmed` keeps the parent's first ids, plrd/vocab.py). The parent's
-    probabilities summed by this index (`fold_logprobs`) are its next-token distribution in the
-    member's vocabulary: what the member should predict."""
-    vocab = tokenizer.get_vocab()
-    size = len(trimmed.get_vocab())
-    index = torch.arange(max(vocab.values()) + 1)
-    bpe = trimmed.backend_tokenizer.model
-    for token, i in vocab.items():
-        if i >= size:
-            index[i] = bpe.tokenize(token)[0].id
-    return index
-
-
-def fold_logprobs(logprobs: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Log-probabilities over a larger vocabulary summed onto `size` ids by `index` (one per larger id)."""
-    probs = torch.zeros(*logprobs.shape[:-1], size, dtype=logprobs.dtype, device=logprobs.device).index_add_(-1, index, logprobs.exp())
-    return probs.clamp_min(1e-30).log()
-
-
 @torch.no_grad()
 def _answer_logprobs(model, ref: ChatReference, rows: range) -> list[torch.Tensor]:
     """Log-probabilities at the positions that predict each answer token (answer_len × vocab)."""
@@ -111,6 +91,12 @@ def _answer_logprobs(model, ref: ChatReference, rows: range) -> list[torch.Tenso
     return out
 
 
+def in_parent_ids(ref: ChatReference, vocab: VocabMap) -> ChatReference:
+    """A reference in a member's ids (`in_tokens_of`) as the parent's ids of the same tokens."""
+    to = lambda ids: vocab.parent_ids(torch.tensor(ids, dtype=torch.long)).tolist()  # noqa: E731
+    return ChatReference(ref.prompts, [to(p) for p in ref.prompt_ids], [to(a) for a in ref.answers])
+
+
 def in_tokens_of(ref: ChatReference, parent_tokenizer, tokenizer) -> ChatReference:
     """The same prompts and parent answers in another tokenizer's ids (a member with a trimmed
     vocabulary, plrd/vocab.py): each answer decoded to text and encoded again, its end-of-turn kept."""
@@ -124,18 +110,19 @@ def in_tokens_of(ref: ChatReference, parent_tokenizer, tokenizer) -> ChatReferen
 
 @torch.no_grad()
 def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8, progress: bool = True, name: str = "member",
-          fold: torch.Tensor | None = None) -> ChatScores:
+          vocab: VocabMap | None = None) -> ChatScores:
     """Chat agreement, KL and degeneracy of `member` against the parent's reference answers.
     The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax).
-    With a trimmed vocabulary, `ref` is in the member's tokens (`in_tokens_of`) and `fold` maps the
-    parent's ids onto the member's (`fold_index`): KL is then to the parent's distribution
-    summed onto the ids the member can say."""
+    With a trimmed vocabulary, `ref` is in the member's tokens (`in_tokens_of`) and `vocab` relates
+    the two vocabularies: the parent reads the same tokens in its own ids, and KL is to its
+    distribution summed onto the ids the member can say."""
     agree, kl, tokens = 0, 0.0, 0
+    parent_ref = ref if vocab is None else in_parent_ids(ref, vocab)
     for rows in _batches(len(ref.prompts), batch_size):
         mine = _answer_logprobs(member, ref, rows)
-        theirs = mine if member is parent else _answer_logprobs(parent, ref, rows)
-        if fold is not None:
-            theirs = [fold_logprobs(lp, fold, lm.shape[-1]) for lm, lp in zip(mine, theirs)]
+        theirs = mine if member is parent else _answer_logprobs(parent, parent_ref, rows)
+        if vocab is not None:
+            theirs = [vocab.fold_logprobs(lp) for lp in theirs]
         for i, lm, lp in zip(rows, mine, theirs):
             target = torch.tensor(ref.answers[i])
             agree += (lm.argmax(-1) == target).sum().item() if member is not parent else len(target)
@@ -152,5 +139,5 @@ def score_member(member, parent, parent_tokenizer, member_tokenizer, ref: ChatRe
     """`score`, in the member's own tokens when its vocabulary is the parent's trimmed (plrd/vocab.py)."""
     if member.config.vocab_size < parent.config.vocab_size:
         return score(member, parent, member_tokenizer, in_tokens_of(ref, parent_tokenizer, member_tokenizer),
-                     fold=fold_index(parent_tokenizer, member_tokenizer), **kwargs)
+                     vocab=VocabMap.between(parent_tokenizer, member_tokenizer), **kwargs)
     return score(member, parent, parent_tokenizer, ref, **kwargs)

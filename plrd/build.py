@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family import defaults
 from family.data import SEED_PROMPTS, read_prompts
@@ -48,13 +48,14 @@ from plrd.onpolicy import OnPolicyConfig, distill_on_policy
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
-from family.chat_eval import fold_index
-from plrd.vocab import reencode, trim_model, trim_tokenizer
+from family.vocab_map import VocabMap
+from plrd.vocab import most_used_vocabulary, reencode, trim_model
 from plrd.width import parent_neurons, prune_width, read_neurons, refit_rows, width_for, write_neurons
 
 METHODS = ("whitened", "plain", "width")
 
 PROVENANCE = "provenance.json"
+VOCAB_METHOD = "the tokens the parent uses most on its corpus, closed under BPE merges"
 
 
 @dataclass
@@ -73,7 +74,7 @@ class BuildConfig:
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
     on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(tokens=defaults.ON_POLICY_TOKENS))  # after healing, from the parent
-    vocab_size: int | None = defaults.VOCAB_SIZE  # every member keeps the parent's first N BPE tokens (plrd/vocab.py); None: the parent's vocabulary
+    vocab_size: int | None = defaults.VOCAB_SIZE  # every member keeps the N tokens the parent uses most (plrd/vocab.py); None: the parent's vocabulary
     runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
@@ -133,6 +134,19 @@ def _heal_record(result) -> dict:
     return record
 
 
+def _family_tokenizer(cfg: BuildConfig, parent, tokenizer, sequences: list[list[int]], out: Path, name: str, progress: bool):
+    """The members' trimmed tokenizer: a finished member's, so that a resumed build keeps the
+    vocabulary it started with; else the `cfg.vocab_size` tokens the parent uses most on its data."""
+    for target in cfg.targets:
+        if is_complete(member_dir := out / member_name(name, target)):
+            member_tok = AutoTokenizer.from_pretrained(member_dir)
+            if len(member_tok.get_vocab()) != cfg.vocab_size:
+                raise FamilyError(f"{member_dir} has a vocabulary of {len(member_tok.get_vocab())} tokens, not --vocab-size {cfg.vocab_size}: "
+                                  "build into another --out, or give its size")
+            return member_tok
+    return most_used_vocabulary(parent, tokenizer, sequences, cfg.vocab_size, seq_len=cfg.heal.seq_len, progress=progress)
+
+
 def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     """Build every member of `cfg.targets` that is not already on disk; return all member folders."""
     if not cfg.targets or any(b >= a for a, b in zip(cfg.targets, cfg.targets[1:])):
@@ -148,14 +162,9 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     source = None if from_parent else read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
     parent, tokenizer = load_parent(cfg.parent)
     parent_params = count_parameters(parent)
-    # The family's vocabulary: members speak the parent's first `vocab_size` tokens (plrd/vocab.py);
-    # their data is re-encoded in them, and the parent's distribution is folded onto them (`fold`).
-    member_tok, fold = tokenizer, None
-    if cfg.vocab_size and cfg.vocab_size < parent.config.vocab_size:
-        if cfg.on_policy.tokens > 0:
-            raise FamilyError("on-policy distillation does not fold the parent's vocabulary onto a trimmed one: use --vocab-size 0 with --on-policy-tokens")
-        member_tok = trim_tokenizer(tokenizer, cfg.vocab_size)
-        fold = fold_index(tokenizer, member_tok)
+    trimming = bool(cfg.vocab_size) and cfg.vocab_size < parent.config.vocab_size
+    if trimming and cfg.on_policy.tokens > 0:
+        raise FamilyError("on-policy distillation does not fold the parent's vocabulary onto a trimmed one: use --vocab-size 0 with --on-policy-tokens")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -185,7 +194,12 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     else:
         sequences = [tokenize(tokenizer, source.text).tolist()]
         data_record = {"source": source.spec, "sha256": source.sha256}
-    if fold is not None:  # in a trimmed vocabulary, the same conversations and texts in the member's tokens
+    # The family's vocabulary: members speak the tokens the parent uses most (plrd/vocab.py); their data
+    # is re-encoded in them, and the parent's distribution is folded onto them (`vocab`).
+    member_tok, vocab = tokenizer, None
+    if trimming:
+        member_tok = _family_tokenizer(cfg, parent, tokenizer, sequences, out, name, progress and state.is_main_process)
+        vocab = VocabMap.between(tokenizer, member_tok)
         sequences = reencode(sequences, tokenizer, member_tok)
     ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
     calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
@@ -196,8 +210,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
 
     # `neurons`: which of the parent's MLP neurons each neuron of `current` is (the refit's targets).
     current, current_name, made, neurons = parent, parent_name(name), [], parent_neurons(parent)
-    if fold is not None:  # the first member is cut from the parent with its vocabulary trimmed
-        current = trim_model(copy.deepcopy(parent), cfg.vocab_size)
+    if vocab is not None:  # the first member is cut from the parent with its vocabulary trimmed
+        current = trim_model(copy.deepcopy(parent), vocab.to_parent.tolist())
     for target in cfg.targets:
         this = member_name(name, target)
         member_dir = out / this
@@ -223,12 +237,12 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
         refit_s = None
         if cut and cfg.init == "refit":
             t_refit = time.perf_counter()
-            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), progress=progress)
+            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), vocab=vocab, progress=progress)
             refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
         if cfg.heal.tokens > 0:
             teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
-            heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress, fold=fold)
+            heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress, vocab=vocab)
         on_policy = distill_on_policy(member, parent, tokenizer, seed_prompts, cfg.on_policy, cfg.heal, progress=progress)
         params = count_parameters(member)
         if not state.is_main_process:
@@ -247,7 +261,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
                     "method": "vocabulary-trim" if not cut else "width-pruning" if cfg.method == "width" else f"plrd-{cfg.method}-svd",
                     "allocation": None if not cut else "uniform-width" if cfg.method == "width" else cfg.allocation,
                     "vocabulary": {"size": member.config.vocab_size, "parent_size": parent.config.vocab_size,
-                                   "method": "the parent's first BPE merges" if fold is not None else "the parent's"},
+                                   "method": VOCAB_METHOD if vocab is not None else "the parent's"},
                     "target": target,
                     "parameters": params,
                     "achieved_fraction": params / parent_params,

@@ -40,7 +40,7 @@ def build(
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option(defaults.METHOD, help="width (prune MLP neurons, the same number in every layer: dense members, no factors; --allocation does not apply), whitened (activation-aware SVD) or plain (SVD of W)"),
     allocation: str = typer.Option(defaults.ALLOCATION, help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
-    vocab_size: int = typer.Option(defaults.VOCAB_SIZE, min=0, help="every member keeps the parent's first N BPE tokens (a slice of the tied embedding); 0, or N at or past the parent's vocabulary: the whole vocabulary"),
+    vocab_size: int = typer.Option(defaults.VOCAB_SIZE, min=0, help="every member keeps the N tokens the parent uses most on its corpus (rows of the tied embedding); 0, or N at or past the parent's vocabulary: the whole vocabulary"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(defaults.CALIB_SEQUENCES, help="calibration sequences"),
     calib_seq_len: int = typer.Option(defaults.CALIB_SEQ_LEN, help="calibration sequence length"),

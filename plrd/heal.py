@@ -28,6 +28,7 @@ from family import defaults
 from family.errors import FamilyError
 from family.hardware import bf16_is_fast
 from family.lowrank import LowRankLinear
+from family.vocab_map import VocabMap
 from plrd.vocab import teacher_logprobs
 
 
@@ -98,11 +99,11 @@ def heal(
     cfg: HealConfig,
     teacher: nn.Module | None = None,
     progress: bool = True,
-    fold: torch.Tensor | None = None,
+    vocab: VocabMap | None = None,
 ) -> HealResult:
     """Train `model` in place on rows of `sequences` (N × seq_len) until `cfg.tokens` are seen.
-    `fold` (family.chat_eval.fold_index): the member's vocabulary is the teacher's trimmed; the teacher's
-    distribution is summed onto the member's ids before the KL."""
+    `vocab` (family/vocab_map.py): the member's vocabulary is the teacher's trimmed; the teacher reads
+    the same tokens in its own ids, and its distribution is summed onto the member's ids before the KL."""
     if cfg.tokens <= 0:
         return HealResult(0, 0, 0.0, float("nan"), float("nan"))
     if (cfg.distill_weight > 0 or cfg.hidden_weight > 0) and teacher is None:
@@ -141,8 +142,9 @@ def heal(
             loss = out.loss
             if teacher is not None and (cfg.distill_weight > 0 or want_hidden):
                 with torch.no_grad():
-                    t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
-                t_logits = t_out.logits if fold is None else teacher_logprobs(t_out.logits, fold, out.logits.shape[-1], cfg.temperature)
+                    t_ids = batch if vocab is None else vocab.parent_ids(batch)
+                    t_out = teacher(input_ids=t_ids, use_cache=False, output_hidden_states=want_hidden)
+                t_logits = teacher_logprobs(t_out.logits, vocab, cfg.temperature)
                 kl = distill_kl(out.logits, t_logits, cfg.temperature)
                 loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
                 if want_hidden:

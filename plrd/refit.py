@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from family.lowrank import LowRankLinear
+from family.vocab_map import VocabMap
 from plrd.factorize import balanced
 
 # The four input points of a decoder layer, in the order the layer computes them.
@@ -151,17 +152,19 @@ def refine_block(layer: nn.Module, h_c: list[torch.Tensor], target: list[torch.T
 @torch.no_grad()
 def sequential_refit(
     parent: nn.Module, member: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, damping: float = 0.1, dense: bool = True,
-    refine_epochs: int = 0, refine_lr: float = 1e-4, output_rows: dict[str, torch.Tensor] | None = None, progress: bool = True,
+    refine_epochs: int = 0, refine_lr: float = 1e-4, output_rows: dict[str, torch.Tensor] | None = None,
+    vocab: VocabMap | None = None, progress: bool = True,
 ) -> dict[str, float]:
     """Refit every projection of `member` (in place; its ranks are kept) to `parent`, layer by layer,
     on calibration `rows` (N × L token ids). A projection with fewer outputs than the parent's (a
-    width-pruned gate/up) reproduces the parent's rows `output_rows[path]`. Returns module path →
-    relative truncation error."""
+    width-pruned gate/up) reproduces the parent's rows `output_rows[path]`. With a trimmed vocabulary
+    (`vocab`) `rows` are in the member's ids and the parent reads the same tokens in its own. Returns
+    module path → relative truncation error."""
     output_rows = output_rows or {}
     parent.eval()
     member.eval()
     chunks = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
-    h_p = [parent.model.embed_tokens(c) for c in chunks]
+    h_p = [parent.model.embed_tokens(c if vocab is None else vocab.parent_ids(c)) for c in chunks]
     h_c = [member.model.embed_tokens(c) for c in chunks]
     kwargs = [_layer_kwargs(parent, h) for h in h_p]
     errors: dict[str, float] = {}

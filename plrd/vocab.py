@@ -1,16 +1,22 @@
-"""Vocabulary trimming: a member that keeps the first `size` tokens of the parent's byte-level BPE.
+"""Vocabulary trimming: a member that keeps the tokens its parent uses most, in the parent's byte-level BPE.
 
 Why: the tied embedding / LM head is a fifth of SmolLM2-135M's parameters, and low rank is the worst
-place to cut it (README, "Where low rank costs least"). A BPE vocabulary learned merge by merge has
-its tokens in merge order, and a merge's two parts always come before its product, so the first
-`size` ids are a closed vocabulary: the tokenizer trained with fewer merges. Keeping them is a slice
-of the embedding, nothing else changes, and on every text the member's logits over the kept ids are
-the parent's logits on that text's (longer) tokenization. What is lost is the parent's one-token
-spelling of rarer words; they are spelled in pieces instead.
+place to cut it (README, "Where low rank costs least"). A BPE token is made by one merge of two
+earlier tokens, so a set of tokens that holds both parts of each of its merges (and every base
+token) is a vocabulary the parent's tokenizer can still work in: the same merges, fewer of them. A
+model keeping such a set is a row selection of the embedding, nothing else changes, and on every
+text its logits over the kept ids are the parent's logits on that text's (longer) tokenization. What
+is lost is the parent's one-token spelling of the removed tokens; they are spelled in pieces.
 
-`trim_tokenizer` refuses a tokenizer where that closure does not hold (not BPE, merges out of id
-order, a kept merge with a removed part), so a vocabulary is never cut into one that cannot encode
-what the parent could.
+Which tokens: those the parent itself puts most probability on over its own corpus (`token_usage`,
+its expected token counts, which cover tokens a 71k-token sample never shows), each with the parts
+its merges need (`choose_vocabulary`). The BPE's first N ids (its first merges, the tokenizer
+trained with fewer merges, `first_ids`) are the other choice: they follow the frequencies of the
+tokenizer's own training data, code and all, and lose more of the parent's chat (README, "Vocabulary
+trimming").
+
+Kept tokens are renumbered 0..size-1 in the parent's id order, so the special tokens keep their ids;
+family/vocab_map.py relates the two vocabularies for distillation and scoring.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import json
 import torch
 from tokenizers import Tokenizer
 from torch import nn
+from tqdm import tqdm
 
-from family.chat_eval import fold_logprobs
 from family.errors import FamilyError
+from family.vocab_map import VocabMap
+from plrd.data import pack
 
 
 def _bpe(tokenizer) -> dict:
@@ -38,37 +46,96 @@ def _merge_parts(merge) -> list[str]:
     return merge if isinstance(merge, list) else merge.split(" ")
 
 
-def trim_tokenizer(tokenizer, size: int):
-    """A copy of `tokenizer` that only ever produces ids below `size` (its first merges)."""
+def _merge_tree(tokenizer) -> tuple[dict, dict[str, list[str]]]:
+    """The BPE's vocabulary and, for every token a merge makes, that merge's two parts."""
     spec = _bpe(tokenizer)
-    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
-    special = max((t["id"] for t in spec.get("added_tokens", [])), default=-1)
+    return spec["model"]["vocab"], {"".join(_merge_parts(m)): _merge_parts(m) for m in spec["model"]["merges"]}
+
+
+def first_ids(size: int) -> list[int]:
+    """The BPE's first `size` ids: its first merges (closed, since a merge's parts come before it)."""
+    return list(range(size))
+
+
+@torch.no_grad()
+def token_usage(model: nn.Module, rows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+    """The model's expected count of each token over `rows` (N × L ids): its next-token
+    probabilities summed over every position."""
+    usage = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    for i in tqdm(range(0, len(rows), batch_size), desc="token usage", unit="batch", disable=not progress):
+        logits = model(input_ids=rows[i : i + batch_size], use_cache=False).logits
+        usage += torch.softmax(logits.float(), -1).sum((0, 1)).double()
+    return usage
+
+
+def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int) -> list[int]:
+    """The parent ids of a closed vocabulary of `size` tokens: every base token (specials, the byte
+    alphabet), then tokens by descending `usage`, each with the merge parts it needs; a token whose
+    parts would overflow `size` is passed over. Ties go to the lower id (the earlier merge)."""
+    vocab, parts_of = _merge_tree(tokenizer)
+    keep = {i for token, i in vocab.items() if token not in parts_of}
+    if size < len(keep):
+        raise FamilyError(f"vocabulary size {size} is below the tokenizer's {len(keep)} base tokens")
     if size > len(vocab):
         raise FamilyError(f"vocabulary size {size} is past the tokenizer's {len(vocab)}")
-    if size <= special:
-        raise FamilyError(f"vocabulary size {size} would drop special token id {special}")
-    kept = {s: i for s, i in vocab.items() if i < size}
-    kept_merges = [m for m in merges if vocab["".join(_merge_parts(m))] < size]
+    token_of = {i: token for token, i in vocab.items()}
+
+    def needed(token: str, into: set[int]) -> None:
+        if vocab[token] not in keep and vocab[token] not in into:
+            for part in parts_of.get(token, []):
+                needed(part, into)
+            into.add(vocab[token])
+
+    for i in sorted(token_of, key=lambda i: (-float(usage[i]), i)):
+        if len(keep) >= size:
+            break
+        add: set[int] = set()
+        needed(token_of[i], add)
+        if len(keep) + len(add) <= size:
+            keep |= add
+    return sorted(keep)
+
+
+def most_used_vocabulary(parent: nn.Module, tokenizer, sequences: list[list[int]], size: int, *, seq_len: int = 256, progress: bool = True):
+    """The trimmed tokenizer of the `size` tokens `parent` uses most on `sequences` (in its own ids)."""
+    rows = pack(torch.tensor([t for seq in sequences for t in seq], dtype=torch.long), seq_len)
+    return trim_tokenizer(tokenizer, choose_vocabulary(tokenizer, token_usage(parent, rows, progress=progress), size))
+
+
+def trim_tokenizer(tokenizer, keep: list[int]):
+    """A copy of `tokenizer` that speaks only the parent ids `keep` (sorted), renumbered 0..len-1."""
+    spec = _bpe(tokenizer)
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= len(vocab):
+        raise FamilyError(f"the kept ids must be distinct, sorted and within the tokenizer's {len(vocab)}")
+    token_of = {i: token for token, i in vocab.items()}
+    kept = {token_of[i]: n for n, i in enumerate(keep)}
+    for t in spec.get("added_tokens", []):
+        if kept.get(t["content"]) != t["id"]:
+            raise FamilyError(f"special token {t['content']!r} (id {t['id']}) would be dropped or renumbered")
+    kept_merges = [m for m in merges if "".join(_merge_parts(m)) in kept]
     for m in kept_merges:
-        parts = _merge_parts(m)
-        if any(p not in kept for p in parts):
-            raise FamilyError(f"merge {parts} keeps a token whose parts are not all below id {size}: merges are not in id order")
+        if any(p not in kept for p in _merge_parts(m)):
+            raise FamilyError(f"merge {_merge_parts(m)} keeps a token whose parts are not all kept: not a closed vocabulary")
+    products = {"".join(_merge_parts(m)) for m in merges}
+    if missing := [t for t in vocab if t not in kept and t not in products]:
+        raise FamilyError(f"base token {missing[0]!r} would be dropped: every text must stay encodable")
     spec["model"]["vocab"], spec["model"]["merges"] = kept, kept_merges
     out = copy.deepcopy(tokenizer)
     out._tokenizer = Tokenizer.from_str(json.dumps(spec))
     return out
 
 
-def trim_model(model: nn.Module, size: int) -> nn.Module:
-    """Keep the first `size` rows of the (tied) embedding and LM head, in place."""
+def trim_model(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Keep the rows `keep` of the (tied) embedding and LM head, in that order, in place."""
     if not getattr(model.config, "tie_word_embeddings", False):
         raise FamilyError("vocabulary trimming here expects a tied embedding / LM head")
     embed = model.get_input_embeddings()
-    trimmed = nn.Embedding(size, embed.embedding_dim, _weight=embed.weight.data[:size].clone())
+    trimmed = nn.Embedding(len(keep), embed.embedding_dim, _weight=embed.weight.data[torch.tensor(keep)].clone())
     model.set_input_embeddings(trimmed)
     model.lm_head.weight = trimmed.weight
-    model.lm_head.out_features = size
-    model.config.vocab_size = size
+    model.lm_head.out_features = len(keep)
+    model.config.vocab_size = len(keep)
     return model
 
 
@@ -79,11 +146,10 @@ def reencode(sequences, tokenizer, trimmed) -> list[list[int]]:
     return [trimmed(tokenizer.decode(list(s)), add_special_tokens=False)["input_ids"] for s in sequences]
 
 
-def teacher_logprobs(logits: torch.Tensor, index: torch.Tensor, size: int, temperature: float = 1.0) -> torch.Tensor:
-    """The parent's temperature-softened log-distribution folded onto a trimmed member's `size` ids,
+def teacher_logprobs(logits: torch.Tensor, vocab: VocabMap | None, temperature: float = 1.0) -> torch.Tensor:
+    """The parent's temperature-softened log-distribution folded onto a trimmed member's ids,
     multiplied back by the temperature: logits that `plrd.heal.distill_kl` softens into exactly that
-    folded distribution. Where nothing is trimmed (`size` is the logits' width) they are returned as they are."""
-    if logits.shape[-1] == size:
+    folded distribution. Where nothing is trimmed (`vocab` is None) they are returned as they are."""
+    if vocab is None:
         return logits
-    return fold_logprobs(torch.log_softmax(logits.float() / temperature, -1), index.to(logits.device), size) * temperature
-
+    return vocab.fold_logprobs(torch.log_softmax(logits.float() / temperature, -1)) * temperature

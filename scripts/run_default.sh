@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default in one command, on a fresh machine (CPU is enough):
 #   set up .venv -> fetch the real SmolLM2-135M parent -> the parent answers the shipped chat prompts
-#   (its distillation corpus) -> build a small family (the parent's first BPE tokens, each member's MLPs pruned to fewer neurons,
+#   (its distillation corpus) -> build a small family (the tokens the parent uses most, each member's MLPs pruned to fewer neurons,
 #   sequential refit to the parent, distillation from the parent) -> evaluate its faithfulness to the parent on held-out
 #   chat -> profile it on this machine -> serve it behind the budget-routing gateway.
 # Nothing outside this repository is needed (no ../shared): every text it uses ships in family/data.

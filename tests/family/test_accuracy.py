@@ -214,19 +214,20 @@ def test_perplexity_in_parent_tokens_is_the_parents_perplexity_when_the_tokens_a
 
 
 def test_family_eval_scores_a_trimmed_vocabulary_member_in_its_own_tokens(tiny_parent_dir, tmp_path):
-    """A member that keeps the parent's first N tokens: chat scored on the parent's answers re-encoded in
-    its tokens, perplexity per parent token on the same text (comparable with the parent's)."""
+    """A member that keeps some of the parent's tokens, renumbered: chat scored on the parent's answers
+    re-encoded in its tokens, perplexity per parent token on the same text (comparable with the parent's)."""
     import copy
 
     from family.registry import sync_family
-    from plrd.vocab import trim_model, trim_tokenizer
+    from plrd.vocab import choose_vocabulary, trim_model, trim_tokenizer
 
     root = build_tiny_family(tiny_parent_dir, tmp_path / "fam", fractions=())
     parent = AutoModelForCausalLM.from_pretrained(tiny_parent_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_parent_dir)
     d = root / "tiny-p97"
-    trim_model(copy.deepcopy(parent), 320).save_pretrained(d)
-    trim_tokenizer(tok, 320).save_pretrained(d)
+    keep = choose_vocabulary(tok, torch.arange(len(tok), dtype=torch.float64), 320)  # the last merges first: ids move
+    trim_model(copy.deepcopy(parent), keep).save_pretrained(d)
+    trim_tokenizer(tok, keep).save_pretrained(d)
     (d / "provenance.json").write_text(json.dumps({"method": "vocabulary-trim", "target": 0.97, "derived_from": "tiny-p100"}))
     sync_family(root, parent_dir=root / "tiny-p100", family_name="tiny")
     result = _cli(["eval", "--family", str(root), "--windows", "4", "--seq-len", "64", "--answer-tokens", "8"])
