@@ -222,7 +222,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
-        # The vocabulary cut alone may reach the target: then nothing is pruned or refit.
+        # The vocabulary cut alone may reach the target: then nothing is pruned, refit or distilled.
         width = width_for(current, target, parent_params) if cfg.method == "width" else None
         cut = width is None or width < current.config.intermediate_size
         grams = collect_grams(current, calib, progress=progress) if cut and cfg.method in ("whitened", "width") else None
@@ -240,7 +240,9 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), vocab=vocab, progress=progress)
             refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
-        if cfg.heal.tokens > 0:
+        # A member cut only in its vocabulary is the parent's own logits on the kept tokens: distilling
+        # it made it less faithful (agreement 0.960 → 0.927 and a loop the parent does not have; README).
+        if cfg.heal.tokens > 0 and cut:
             teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
             heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress, vocab=vocab)
         on_policy = distill_on_policy(member, parent, tokenizer, seed_prompts, cfg.on_policy, cfg.heal, progress=progress)

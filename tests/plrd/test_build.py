@@ -173,9 +173,10 @@ def test_build_needs_no_shared_data_its_default_data_is_the_parents_own(tiny_par
 
 
 def test_a_trimmed_vocabulary_is_every_members_own_and_alone_can_make_the_first_member(tiny_parent_dir, tmp_path):
-    """--vocab-size: every member keeps the parent's first N tokens (its tokenizer saved with it). A
-    target that the vocabulary cut alone reaches is not pruned or refit, only distilled; later members
-    are cut in width from it, in the same vocabulary, on the parent's corpus re-encoded in it."""
+    """--vocab-size: every member keeps the N tokens the parent uses most (its tokenizer saved with it).
+    A target that the vocabulary cut alone reaches is the parent's logits on those tokens: not pruned,
+    refit or distilled; later members are cut in width from it, in the same vocabulary, refit and
+    distilled on the parent's corpus re-encoded in it."""
     from plrd.corpus import CorpusConfig
 
     size = 320
@@ -192,7 +193,8 @@ def test_a_trimmed_vocabulary_is_every_members_own_and_alone_can_make_the_first_
         assert max(tok("The tower is tall and old.")["input_ids"]) < size
     first, second = (json.loads((f / "provenance.json").read_text()) for f in (p97, p80))
     assert first["method"] == "vocabulary-trim" and first["init"] is None and first["vocabulary"]["size"] == size
-    assert first["final_heal_loss"] > 0  # distilled from the parent, its distribution folded onto the kept ids
+    assert first["healing"]["steps"] == 0 and first["final_heal_loss"] is None  # nothing cut inside: nothing to heal
+    assert second["final_heal_loss"] > 0  # distilled from the parent, its distribution folded onto the kept ids
     assert second["method"] == "width-pruning" and second["init"]["method"] == "refit" and second["vocabulary"]["size"] == size
     assert abs(second["achieved_fraction"] - 0.8) < 0.01
     assert load_family(tmp_path / "fam", verify="full").problems == {}
