@@ -51,6 +51,7 @@ METHOD = "width"
 # vocabulary costs the parent's chat agreement about a third of what MLP width costs per parameter;
 # below that it costs more than width does, so the members below p90 are cut in width.
 VOCAB_SIZE = 24_576
+VOCAB_USAGE_TOKENS = 80_000  # the tokens the parent's usage is counted on: its whole default corpus (~71k), a sample of larger sources
 CALIB_SEQ_LEN = 256
 
 # The registry file at the root of a family folder.

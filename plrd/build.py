@@ -144,7 +144,7 @@ def _family_tokenizer(cfg: BuildConfig, parent, tokenizer, sequences: list[list[
                 raise FamilyError(f"{member_dir} has a vocabulary of {len(member_tok.get_vocab())} tokens, not --vocab-size {cfg.vocab_size}: "
                                   "build into another --out, or give its size")
             return member_tok
-    return most_used_vocabulary(parent, tokenizer, sequences, cfg.vocab_size, seq_len=cfg.heal.seq_len, progress=progress)
+    return most_used_vocabulary(parent, tokenizer, sequences, cfg.vocab_size, seq_len=cfg.heal.seq_len, seed=cfg.seed, progress=progress)
 
 
 def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:

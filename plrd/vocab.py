@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from family import defaults
 from family.errors import FamilyError
 from family.vocab_map import VocabMap
 from plrd.data import pack
@@ -96,9 +97,14 @@ def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int) -> list[int]:
     return sorted(keep)
 
 
-def most_used_vocabulary(parent: nn.Module, tokenizer, sequences: list[list[int]], size: int, *, seq_len: int = 256, progress: bool = True):
-    """The trimmed tokenizer of the `size` tokens `parent` uses most on `sequences` (in its own ids)."""
+def most_used_vocabulary(parent: nn.Module, tokenizer, sequences: list[list[int]], size: int, *, seq_len: int = 256,
+                         max_tokens: int = defaults.VOCAB_USAGE_TOKENS, seed: int = 0, progress: bool = True):
+    """The trimmed tokenizer of the `size` tokens `parent` uses most on `sequences` (in its own ids),
+    from at most `max_tokens` of them (rows drawn at random), so a large text source costs no more
+    than the parent's own corpus (about 71k tokens, read whole)."""
     rows = pack(torch.tensor([t for seq in sequences for t in seq], dtype=torch.long), seq_len)
+    if len(rows) * seq_len > max_tokens:
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: max(1, max_tokens // seq_len)]]
     return trim_tokenizer(tokenizer, choose_vocabulary(tokenizer, token_usage(parent, rows, progress=progress), size))
 
 

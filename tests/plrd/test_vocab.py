@@ -14,7 +14,7 @@ from family.errors import FamilyError
 from family.vocab_map import VocabMap
 from plrd.heal import distill_kl
 from plrd.refit import sequential_refit
-from plrd.vocab import _merge_tree, choose_vocabulary, first_ids, reencode, teacher_logprobs, token_usage, trim_model, trim_tokenizer
+from plrd.vocab import _merge_tree, choose_vocabulary, first_ids, most_used_vocabulary, reencode, teacher_logprobs, token_usage, trim_model, trim_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the capital of Japan is Tokyo. Ünïcödé too."
 
@@ -178,3 +178,22 @@ def test_distilling_a_trimmed_parent_starts_from_the_kl_of_the_same_tokens(tiny,
     cfg = HealConfig(tokens=64, seq_len=32, batch_size=2, lr=0.0, distill_weight=1.0, bf16=False)
     result = heal(member, rows, cfg, teacher=parent, vocab=vocab, progress=False)
     assert result.first_loss == pytest.approx(expected, rel=1e-4) and result.first_loss < 1.0
+
+
+def test_a_large_source_is_sampled_for_usage_not_read_whole(tiny, calib_ids):
+    # The parent's usage is counted on at most `max_tokens`: a long text source costs no more than its corpus.
+    model, tok = tiny
+    sequences = [calib_ids.tolist()]
+    calls = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].numel())
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        small = most_used_vocabulary(model, tok, sequences, len(tok) - 64, seq_len=32, max_tokens=256, progress=False)
+    finally:
+        del model.forward
+    assert sum(calls) == 256 < len(calib_ids) and len(small.get_vocab()) == len(tok) - 64
