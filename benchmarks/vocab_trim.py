@@ -83,8 +83,9 @@ def main() -> None:
         if full and select != selects[0]:
             continue  # nothing is trimmed: one row whatever the selection
         if not full:
-            member_tok = trim_tokenizer(tok, choose_vocabulary(tok, usage, size) if select == "usage" else first_ids(size))
-            trim_model(model, VocabMap.between(tok, member_tok).to_parent.tolist())
+            keep = choose_vocabulary(tok, usage, size) if select == "usage" else first_ids(size)
+            member_tok = trim_tokenizer(tok, keep)
+            trim_model(model, keep)
         nll, n = nll_per_char(model, member_tok)
         for reencode in (False, True) if full else (True,):
             if reencode:
