@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from family.profile import WorkerProcess
 from family.registry import load_family
 from server.decoder import StaticDecoder
+from server.engine_torch import TorchEngine
 from server.fleet import WorkerSpec
 from server.gateway import create_app as create_gateway
 from server.kernels import KERNELS, PACK_BATCH, runnable_kernels
@@ -141,6 +142,13 @@ def test_health_records_how_each_member_is_served(shared):
         assert record["kernel"] in KERNELS and record["kernel"] in record["kernel_timings_us"]
         assert set(record["kernel_timings_us"]["aten"]) == {"1", str(PACK_BATCH)}
         assert record["head"] in HEADS and set(record["head_timings_us"]) == set(HEADS)
+
+
+def test_a_member_that_cannot_load_fails_the_engine_at_construction_with_its_own_error(tiny_parent_dir, tmp_path):
+    # Members load on the engine's own thread; a broken one must still surface in the caller, not hang it.
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        TorchEngine({"tiny-parent": tiny_parent_dir, "broken": tmp_path})
 
 
 def _reference_ids(model, prompt: list[int], n: int) -> list[int]:
