@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from family import defaults, latency
-from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
+from family.profile import Shape, WorkerProcess, profile_worker
 from family.registry import load_family
 from plrd.data import read_source, tokenize
 
@@ -50,7 +50,7 @@ def main() -> None:
     if args.device_class and (prof is None or prof.engine != args.engine or len(prof.samples) < 2):
         sys.exit(f"error: {name} has no {args.engine} profile on {args.device_class!r}: run family profile first")
     # The worker as it was profiled (its threads recorded in the profile), or as `family serve` runs it.
-    threads = (prof.threads if prof else worker_threads(len(fam.servable))) if args.engine == "torch" else None
+    threads = (prof.threads if prof else os.cpu_count()) if args.engine == "torch" else None
     with WorkerProcess(fam.member_dir(name), name, args.engine, threads=threads) as w:
         fit_samples = prof.samples if prof else profile_worker(w.url, name, tok, text_ids, FIT, rounds=args.rounds)
         held = profile_worker(w.url, name, tok, text_ids, HELD_OUT, rounds=args.rounds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -206,8 +207,8 @@ def profile(
     dtype: str = typer.Option("float32"),
     endpoint: str = typer.Option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions)"),
     ready_timeout: float = typer.Option(900.0, help="seconds to wait for the worker's /health"),
-    threads: int = typer.Option(0, help="torch engine: worker CPU threads (0 = as `family serve` runs them: "
-                                        "this machine's cores shared out among the family's members)"),
+    threads: int = typer.Option(0, help="torch engine: worker CPU threads (0 = as `family serve` runs its one "
+                                        "shared worker: one per core)"),
     kv_batch: int = typer.Option(defaults.SERVING_BATCH, min=1, help="memory: KV cache rows (the worker's batch)"),
     kv_context: int = typer.Option(defaults.KV_CONTEXT, min=1, help="memory: KV cache tokens per row (the worker's context)"),
     runtime_shared_by: int = typer.Option(0, min=0, help="memory: members sharing one runtime on a host "
@@ -229,7 +230,7 @@ def profile(
     from family.bandwidth import measure_device, roofline_tok_s
     from family.errors import FamilyError
     from family.memory import measure_memory
-    from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
+    from family.profile import Shape, WorkerProcess, profile_worker
     from family.registry import LatencyProfile, MemoryBreakdown, load_family
     from plrd.data import read_source, tokenize
 
@@ -245,7 +246,8 @@ def profile(
     names = _selected(fam, member)
     if threads < 0:
         raise FamilyError(f"--threads must be 0 (as served) or positive, got {threads}")
-    n_threads = (threads or worker_threads(len(fam.servable))) if engine == "torch" else None
+    # `family serve` runs one torch worker for every member with all the cores; a member alone in it gets them all.
+    n_threads = (threads or os.cpu_count() or 1) if engine == "torch" else None
     text = read_source(defaults.EVAL_TEXT).text[:400_000]
     log_dir = Path(family_dir) / "logs"
     log_dir.mkdir(exist_ok=True)

@@ -43,12 +43,10 @@ def free_port() -> int:
 
 
 def worker_threads(n_workers: int) -> int:
-    """CPU threads per torch worker when `n_workers` share this machine: its cores shared out evenly.
-
-    `family serve` starts its local workers so, and `family profile` measures them so by default, so
-    that the registry's latency figures describe the workers as they are served. (Left at torch's
-    default, every worker starts one thread per core, and N workers' thread pools on the same cores
-    slow each other down several times over.)
+    """CPU threads per torch worker when `n_workers` separate worker processes share this machine: its
+    cores shared out evenly (the load-test harness's fleets of one process per member). Left at torch's
+    default, every worker starts one thread per core, and N workers' thread pools on the same cores slow
+    each other down several times over. (`family serve` runs one shared worker with every core instead.)
     """
     return max(1, (os.cpu_count() or 1) // max(1, n_workers))
 

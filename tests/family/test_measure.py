@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import pytest
 from PIL import Image
 
 from family import latency
-from family.profile import worker_threads
 from family.registry import load_family, read_registry
 
 
@@ -45,7 +45,7 @@ def test_eval_stores_plausible_accuracy_records(measured):
 def test_profile_stores_samples_memory_and_a_fitted_model(measured):
     prof = read_registry(measured).member("tiny-p60").latency["test-cpu"]
     assert prof.engine == "torch" and len(prof.samples) == 4
-    assert prof.threads == worker_threads(3)  # measured as `family serve` runs the family's 3 workers
+    assert prof.threads == os.cpu_count()  # measured as `family serve` runs its one shared worker: every core
     assert all(s.ttft_s > 0 and s.tpot_s > 0 and s.throughput_tok_s > 0 for s in prof.samples)
     assert {(s.concurrency, s.output_tokens) for s in prof.samples} == {(1, 6), (2, 6)}
     assert prof.peak_memory_bytes > 50e6  # a Python process with torch loaded
