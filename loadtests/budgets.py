@@ -107,8 +107,9 @@ class Figures:
 
 def derive_classes(fig: Figures, *, latency_slack: float = 2.0, accuracy_latency_slack: float = 4.0,
                    ref_concurrency: float = 2.0) -> list[ClassSpec]:
-    """The four budget classes, with limits derived from the registry's figures (see module doc)."""
-    members = fig.registry.members
+    """The four budget classes, with limits derived from the registry's figures (see module doc), of the
+    members routed traffic can reach: a limit only an unfit member could meet is one no policy can serve."""
+    members = [m for m in fig.registry.members if m.unfit_reason(fig.registry.fitness) is None]
     tl = ClassSpec("tight_latency", {}, 3, 1.0, 1.0, (20, 80), (16, 32))
     tm = ClassSpec("tight_memory", {}, 2, 0.5, 0.5, (40, 160), (24, 48))
     ha = ClassSpec("high_accuracy", {}, 2, 0.5, 0.5, (60, 200), (24, 48))

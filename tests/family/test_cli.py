@@ -31,3 +31,19 @@ def test_a_bad_family_folder_is_one_line_and_a_non_zero_exit(tmp_path, capfd):
     assert exit_info.value.code != 0
     err = capfd.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--engine", "torch", "--compiled"], "--compiled is for the vLLM engine"),
+    (["--engine", "vllm", "--dtype", "auto"], "--dtype auto is for the torch engine"),
+    (["--engine", "vllm", "--threads", "2"], "--threads is for the torch engine"),
+])
+def test_a_worker_flag_for_the_other_engine_is_one_line_before_anything_loads(tmp_path, capfd, flags, says):
+    from family.cli import main
+
+    (tmp_path / "config.json").write_text("{}")  # a folder that looks like a model; nothing is loaded
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--member-dir", str(tmp_path), "--name", "m", *flags])
+    assert exit_info.value.code != 0
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error:") and says in err and len(err.splitlines()) == 1

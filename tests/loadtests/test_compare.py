@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from loadtests.budgets import ClassSpec, goodput_at_mix, verdict
+from loadtests.budgets import ClassSpec, Figures, derive_classes, goodput_at_mix, verdict
+from loadtests.tinyfamily import DEVICE_CLASS
 
 CLASSES = [ClassSpec("tight_latency", {}, 3, 1.0, 1.0, (20, 80), (16, 32)), ClassSpec("none", {}, 1, 0.5, 0.5, (20, 80), (16, 32))]
 
@@ -29,3 +30,18 @@ def test_verdict_reads_the_class_mix_goodput():
     assert v["gateway_beats_parent"] and v["gateway_beats_static"] and v["gateway_at_least_95pct"] and v["parent_below_half"]
     results["static"]["overall"]["goodput_mix"] = 0.97
     assert not verdict(results)["gateway_beats_static"]
+
+
+def test_budget_classes_come_from_the_members_routed_traffic_can_reach(tiny_family_dir):
+    fig = Figures.from_dir(tiny_family_dir, DEVICE_CLASS)
+    every = {c.name: c.budget for c in derive_classes(fig)}
+    tl = ClassSpec("tight_latency", {}, 3, 1.0, 1.0, (20, 80), (16, 32))
+    speed = {m.name: fig.predict(m, tl.approx_prompt_tokens(), tl.max_tokens[1], 2.0).e2e_s for m in fig.registry.members}
+    fastest = min(speed, key=speed.get)
+    assert fastest != fig.parent
+    fig.registry.fitness.min_chat_agreement = fig.member(fastest).quality + 0.01  # the fastest member is now unfit
+    fit = {c.name: c.budget for c in derive_classes(fig)}
+    # The tight-latency limits follow the fastest *fit* member, so they loosen.
+    assert fit["tight_latency"]["max_latency_ms"] > every["tight_latency"]["max_latency_ms"]
+    rest = min((n for n in speed if n != fastest), key=speed.get)
+    assert fit["tight_latency"]["max_latency_ms"] == float(f"{2.0 * speed[rest] * 1e3:.4g}")
