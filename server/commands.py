@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -53,8 +54,8 @@ def worker(
                                                "here), factored (as built) or dense (merged back)"),
     kernel: str = typer.Option("measure", help="torch engine: matmul kernel, measure (the faster here of aten and oneDNN on "
                                                "prepacked weights), aten or onednn"),
-    compiled: bool = typer.Option(False, "--compiled/--eager", help="vLLM: compile the model (torch.compile and, on GPUs, "
-                                                                   "CUDA graphs; slower start-up) or run it eagerly"),
+    compiled: Optional[bool] = typer.Option(None, "--compiled/--eager", help="vLLM: compile the model (the default: torch.compile, "
+                                            "and CUDA graphs on GPUs; decodes faster, starts slower) or run it eagerly"),
 ) -> None:
     """Start one OpenAI-compatible worker for one member, or (torch) for several sharing one engine."""
     from family.errors import FamilyError
@@ -68,8 +69,8 @@ def worker(
         raise FamilyError(f"--layout must be measure, factored or dense, got {layout!r}")
     if kernel not in ("measure", "aten", "onednn"):
         raise FamilyError(f"--kernel must be measure, aten or onednn, got {kernel!r}")
-    if compiled and engine != "vllm":
-        raise FamilyError("--compiled is for the vLLM engine (the torch engine's decode path is not compiled)")
+    if compiled is not None and engine != "vllm":
+        raise FamilyError("--compiled/--eager is for the vLLM engine (the torch engine's decode path is not compiled)")
     if engine == "vllm":
         if threads:
             raise FamilyError("--threads is for the torch engine; vLLM-CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND)")
@@ -80,7 +81,7 @@ def worker(
         from server.worker_vllm import vllm_command, vllm_env
 
         (name, path), = members.items()
-        cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype, eager=not compiled)
+        cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype, eager=compiled is False)
         os.execve(cmd[0], cmd, vllm_env())
     elif engine == "torch":
         import logging

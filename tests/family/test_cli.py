@@ -34,7 +34,8 @@ def test_a_bad_family_folder_is_one_line_and_a_non_zero_exit(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--engine", "torch", "--compiled"], "--compiled is for the vLLM engine"),
+    (["--engine", "torch", "--compiled"], "--compiled/--eager is for the vLLM engine"),
+    (["--engine", "torch", "--eager"], "--compiled/--eager is for the vLLM engine"),
     (["--engine", "vllm", "--dtype", "auto"], "--dtype auto is for the torch engine"),
     (["--engine", "vllm", "--threads", "2"], "--threads is for the torch engine"),
 ])
