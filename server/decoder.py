@@ -13,7 +13,8 @@ Projections follow a `Layout` (server.layout): the projections reading one input
 are one stacked matmul whose rows are the dense weights of the merged ones and the A factors of the
 factored ones, then each factored one's B; o and down are one matmul dense or two factored. Every
 one runs on the layout's kernel (server.kernels: aten, or oneDNN on weights reordered at load), and
-the tied LM head in the layout's measured call form (server.layout.HEADS). Norms,
+the tied LM head in the layout's measured call form (server.layout.HEADS; for a single row, the form
+measured for batch 1, which may be inductor's streamed matrix-vector product). Norms,
 the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
 
 Not compiled: torch.compile (inductor, C++ codegen) of the layer loop took 7 minutes for the 2-layer
@@ -175,7 +176,8 @@ class StaticDecoder:
         return x
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(self.norm(last_hidden), self.lm_head, self.layout.head).float()
+        form = self.layout.head_batch1 if last_hidden.shape[0] == 1 else self.layout.head
+        return head_logits(self.norm(last_hidden), self.lm_head, form).float()
 
 
 def _pow2(n: int) -> int:

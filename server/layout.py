@@ -17,6 +17,7 @@ recorded (`Layout.record()`), served by the worker at /v1/models and /health, an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from torch import nn
 
 from family.lowrank import PROJECTIONS, LowRankLinear
 from server.kernels import KERNELS, PACK_BATCH, Linear, runnable_kernels
+
+log = logging.getLogger("server.layout")
 
 PAD_MULTIPLE = 16  # candidate rank rounding (zero rows in A, zero columns in B: the same function)
 MARGIN = 0.1  # another form, kernel or head product replaces the default only when at least this much faster (timings are noisy)
@@ -95,6 +98,8 @@ class Layout:
     kernel_timings_us: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel → batch → µs per layer
     head: str = "linear"  # HEADS: how the LM head's matmul is called
     head_timings_us: dict[str, dict[int, float]] = field(default_factory=dict)  # head form → batch → µs
+    head_batch1: str = "linear"  # HEADS_BATCH1: the head's product when one row decodes (c=1)
+    head_batch1_timings_us: dict[str, float] = field(default_factory=dict)  # form → µs at batch 1
 
     def record(self) -> dict:
         """What was chosen and why (JSON): dtype, counts per form, the per-shape timings."""
@@ -106,7 +111,8 @@ class Layout:
         return {"dtype": str(self.dtype).removeprefix("torch."), "how": self.how, "projections": counts,
                 "factored_at_padded_rank": padded, "timings_us": self.timings_us,
                 "kernel": self.kernel, "kernel_timings_us": self.kernel_timings_us,
-                "head": self.head, "head_timings_us": self.head_timings_us}
+                "head": self.head, "head_timings_us": self.head_timings_us,
+                "head_batch1": self.head_batch1, "head_batch1_timings_us": self.head_batch1_timings_us}
 
 
 def _copies(numel: int, dtype: torch.dtype) -> int:
@@ -177,7 +183,9 @@ def plan_layout(model: nn.Module, dtype: str = "float32", policy: str = "measure
     layout = _plan_forms(model, dtype, policy)
     if kernel == "measure":
         layout.kernel, layout.kernel_timings_us = choose_kernel(_layer_shapes(model, layout.forms, 0), layout.dtype)
-        layout.head, layout.head_timings_us = choose_head(model.lm_head.weight.detach().to(layout.dtype))
+        head = model.lm_head.weight.detach().to(layout.dtype)
+        layout.head, layout.head_timings_us = choose_head(head)
+        layout.head_batch1, layout.head_batch1_timings_us = choose_head_batch1(head, layout.head)
     elif kernel not in runnable_kernels(layout.dtype):
         raise ValueError(f"the {kernel} kernel does not run {layout.dtype} on this machine (torch {torch.__version__})")
     else:
@@ -217,8 +225,45 @@ HEADS = ("linear", "transposed")
 # project's AVX2 machine ran 1.4-2.2× faster at batch 4-16 and as fast at batch 1. No copy of W either way.
 
 
+HEADS_BATCH1 = HEADS + ("streamed",)
+# Why a third form for one row: at batch 1 the head is a matrix-vector product over the largest matrix
+# (a fifth of SmolLM2's bytes), and torch's CPU kernels for it (F.linear, mv, the transposed form) read
+# it at about 17 GB/s on the project's AVX-512 machine, where a plain sum reads 46-49. The same product
+# written as a broadcast multiply and a row sum, compiled by inductor into one vectorised loop, streamed
+# it at 49-51 GB/s (2.2-2.3 ms against 6.7-6.8 for 49152 × 576). It reads the tied weight as it is (no
+# second copy, unlike oneDNN's reordered weights), but needs a C++ compiler at load: where there is
+# none, `streamed_matvec` is None and the head keeps its batch form.
+
+
+def _row_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w * x).sum(-1)
+
+
+_streamed: dict[str, Callable | None] = {}
+
+
+def streamed_matvec() -> Callable | None:
+    """inductor's compiled `(w * x).sum(-1)` (x: [1, in], w: [out, in] → [out]), or None where it cannot
+    compile here (no C++ compiler, or a torch without inductor). Compiled once per process."""
+    if "fn" not in _streamed:
+        fn = torch.compile(_row_sums, dynamic=False)
+        try:
+            with torch.inference_mode():  # as the decoder calls it (a different mode would recompile)
+                fn(torch.ones(1, 8), torch.ones(4, 8))
+            _streamed["fn"] = fn
+        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; any of them means "not here")
+            log.warning("the streamed batch-1 head is not available here (%s: %s)", type(exc).__name__, str(exc)[:200])
+            _streamed["fn"] = None
+    return _streamed["fn"]
+
+
 def head_logits(h: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tensor:
-    """The LM head's product in one of HEADS (h: [..., hidden] → [..., vocab])."""
+    """The LM head's product in one of HEADS_BATCH1 (h: [..., hidden] → [..., vocab]; "streamed": one row)."""
+    if form == "streamed":
+        rows = h.reshape(-1, h.shape[-1])
+        if rows.shape[0] != 1:
+            raise ValueError(f"the streamed head takes one row, got {rows.shape[0]}")
+        return streamed_matvec()(rows, weight).reshape(*h.shape[:-1], weight.shape[0])
     if form == "transposed":
         return (weight @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], weight.shape[0])
     return F.linear(h, weight)
@@ -230,6 +275,25 @@ def choose_head(weight: torch.Tensor, reps: int = 3) -> tuple[str, dict[str, dic
     inputs = {b: torch.randn(b, weight.shape[1], dtype=weight.dtype) for b in (1, PACK_BATCH)}
     times = _time_in_turns({f: lambda b, f=f: head_logits(inputs[b], weight, f) for f in HEADS}, reps)
     return ("transposed" if wins(times["transposed"], times["linear"]) else "linear"), times
+
+
+def choose_head_batch1(weight: torch.Tensor, batch_form: str, reps: int = 5) -> tuple[str, dict[str, float]]:
+    """"streamed" for one row where it compiles here and runs MARGIN faster than `batch_form` at batch 1;
+    else `batch_form`. Returns the choice and µs per form (the head is read from memory either way)."""
+    if streamed_matvec() is None:
+        return batch_form, {}
+    h = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+    forms = (batch_form, "streamed")
+    best = {f: float("inf") for f in forms}
+    with torch.inference_mode():
+        for round_ in range(reps + 1):  # round 0 warms up (and compiles this shape)
+            for f in forms:
+                t0 = time.perf_counter()
+                head_logits(h, weight, f)
+                if round_:
+                    best[f] = min(best[f], (time.perf_counter() - t0) * 1e6)
+    pick = "streamed" if best["streamed"] < (1 - MARGIN) * best[batch_form] else batch_form
+    return pick, {f: round(t, 1) for f, t in best.items()}
 
 
 def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 5) -> dict[str, dict[int, float]]:

@@ -26,7 +26,7 @@ from server.engine_torch import TorchEngine
 from server.fleet import WorkerSpec
 from server.gateway import create_app as create_gateway
 from server.kernels import KERNELS, PACK_BATCH, runnable_kernels
-from server.layout import HEADS, Form, Layout, plan_layout
+from server.layout import HEADS, Form, Layout, plan_layout, streamed_matvec
 from server.metrics import GatewayMetrics
 from server.pool import Pool
 from server.worker_torch import create_app
@@ -142,6 +142,7 @@ def test_health_records_how_each_member_is_served(shared):
         assert record["kernel"] in KERNELS and record["kernel"] in record["kernel_timings_us"]
         assert set(record["kernel_timings_us"]["aten"]) == {"1", str(PACK_BATCH)}
         assert record["head"] in HEADS and set(record["head_timings_us"]) == set(HEADS)
+        assert record["head_batch1"] in (record["head"], "streamed")  # one row: the batch form, or streamed where faster
 
 
 def test_a_member_that_cannot_load_fails_the_engine_at_construction_with_its_own_error(tiny_parent_dir, tmp_path):
@@ -166,7 +167,9 @@ def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_m
     padded = Layout(torch.float32, {p: Form("factored", f.rank + 3) for p, f in factored.forms.items()}, how="test")
     assert factored.forms and all(f.kind == "factored" for f in factored.forms.values())
     layouts = (factored, plan_layout(model, "float32", "dense"), padded)
-    for layout in [replace(lay, kernel=k, head=h) for lay in layouts for k in runnable_kernels(torch.float32) for h in HEADS]:
+    heads = [(h, h) for h in HEADS] + ([("linear", "streamed")] if streamed_matvec() is not None else [])  # (batch form, one-row form)
+    for layout in [replace(lay, kernel=k, head=h, head_batch1=h1) for lay in layouts for k in runnable_kernels(torch.float32)
+                   for h, h1 in heads]:
         dec = StaticDecoder(model, layout, max_slots=4, max_len=64, min_width=8)  # small width: the cache grows mid-run
         tokens = dec.prefill(0, prompts).argmax(-1)
         got = [[int(t)] for t in tokens]
@@ -181,6 +184,15 @@ def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_m
                 got[row].append(int(tokens[slot]))
         assert got[0] == refs[0][:5], (layout.how, layout.kernel, layout.head)
         assert got[1] == refs[1] and got[2] == refs[2], (layout.how, layout.kernel, layout.head)
+        alone = dec.prefill(3, [prompts[1]]).argmax(-1)  # one row: the one-row head form
+        one = [int(alone[0])]
+        pos = torch.tensor([len(prompts[1])])
+        dec.move(3, 0, len(prompts[1]))
+        for _ in range(15):
+            alone = dec.decode(alone, pos).argmax(-1)
+            pos = pos + 1
+            one.append(int(alone[0]))
+        assert one == refs[1], (layout.how, layout.kernel, layout.head_batch1)
 
 
 def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from server.kernels import PACK_BATCH, Linear, onednn_available, runnable_kernels
-from server.layout import BATCH1_NOISE, HEADS, MARGIN, choose_head, choose_kernel, head_logits, wins
+from server.layout import BATCH1_NOISE, HEADS, MARGIN, choose_head, choose_head_batch1, choose_kernel, head_logits, streamed_matvec, wins
 
 @pytest.mark.parametrize("kernel", runnable_kernels(torch.float32))
 def test_a_kernel_computes_the_linear_map_for_the_decoders_inputs(kernel):
@@ -55,3 +55,25 @@ def test_both_forms_of_the_head_give_the_same_logits(form):
 def test_the_head_form_chosen_is_the_one_its_timings_favour():
     form, times = choose_head(torch.randn(2000, 64))
     assert form == ("transposed" if wins(times["transposed"], times["linear"]) else "linear")
+
+
+def test_the_streamed_head_gives_one_rows_logits_and_refuses_more_rows():
+    if streamed_matvec() is None:
+        pytest.skip("inductor cannot compile here (no C++ compiler)")
+    torch.manual_seed(0)
+    w = torch.randn(300, 40)
+    for h in (torch.randn(1, 40), torch.randn(1, 1, 40)):
+        out = head_logits(h, w, "streamed")
+        assert out.shape == (*h.shape[:-1], 300)
+        torch.testing.assert_close(out, F.linear(h, w), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        head_logits(torch.randn(2, 40), w, "streamed")
+
+
+def test_the_batch1_head_is_streamed_only_where_its_timings_favour_it():
+    form, times = choose_head_batch1(torch.randn(2000, 64), "transposed")
+    if streamed_matvec() is None:
+        assert (form, times) == ("transposed", {})
+    else:
+        assert set(times) == {"transposed", "streamed"}
+        assert form == ("streamed" if times["streamed"] < (1 - MARGIN) * times["transposed"] else "transposed")
