@@ -22,8 +22,9 @@ ENV PYTHONUNBUFFERED=1 \
     VLLM_CACHE_ROOT=/runs/vllm-cache \
     TOKENIZERS_PARALLELISM=false
 
+# g++: inductor compiles vLLM-CPU's model and the torch engine's one-row LM head at load (without it both run eager)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl ca-certificates \
+ && apt-get install -y --no-install-recommends curl ca-certificates g++ \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 1000 family
 

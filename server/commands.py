@@ -54,8 +54,8 @@ def worker(
                                                "here), factored (as built) or dense (merged back)"),
     kernel: str = typer.Option("measure", help="torch engine: matmul kernel, measure (the faster here of aten and oneDNN on "
                                                "prepacked weights), aten or onednn"),
-    compiled: Optional[bool] = typer.Option(None, "--compiled/--eager", help="vLLM: compile the model (the default: torch.compile, "
-                                            "and CUDA graphs on GPUs; decodes faster, starts slower) or run it eagerly"),
+    compiled: Optional[bool] = typer.Option(None, "--compiled/--eager", help="vLLM: compile the model (torch.compile, and CUDA graphs on "
+                                            "GPUs; decodes faster, starts slower; the default where a C++ compiler is found) or run it eagerly"),
 ) -> None:
     """Start one OpenAI-compatible worker for one member, or (torch) for several sharing one engine."""
     from family.errors import FamilyError
@@ -78,10 +78,15 @@ def worker(
             raise FamilyError(f"vLLM serves one member per worker; got {len(members)} ({', '.join(members)})")
         if dtype == "auto":
             raise FamilyError("--dtype auto is for the torch engine")
-        from server.worker_vllm import vllm_command, vllm_env
+        from server.worker_vllm import compiler_available, vllm_command, vllm_env
+
+        if compiled is None:  # compiled decodes faster (README), but needs a C++ compiler to start
+            compiled = compiler_available()
+            if not compiled:
+                typer.echo("note: no C++ compiler found (CXX or g++): vLLM runs eager (--enforce-eager)", err=True)
 
         (name, path), = members.items()
-        cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype, eager=compiled is False)
+        cmd = vllm_command(path, name, port, host=host, max_model_len=max_model_len, dtype=dtype, eager=not compiled)
         os.execve(cmd[0], cmd, vllm_env())
     elif engine == "torch":
         import logging

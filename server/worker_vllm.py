@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def vllm_command(member_dir: Path, name: str, port: int, *, host: str = "127.0.0
     # The family's sampling defaults, not the checkpoint's generation_config.json: every engine answers alike.
     cmd += ["--generation-config", "vllm", "--override-generation-config", json.dumps(default_sampling())]
     return cmd + list(extra or [])
+
+
+def compiler_available() -> bool:
+    """Whether inductor finds a C++ compiler here (`CXX`, else g++): what vLLM's compiled mode needs at start-up."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def default_sampling() -> dict:
