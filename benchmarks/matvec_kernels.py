@@ -75,8 +75,7 @@ def main() -> None:
     names = list(rows[0][2])
     print(f"\nBatch-1 matrix-vector read speed, GB/s (µs per product), {args.dtype}, {platform.machine()} CPU, "
           f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M')}.")
-    print("`python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(ROOT)
-                                                               if Path(sys.argv[0]).is_absolute() else sys.argv[0]), *sys.argv[1:]]) + "`\n")
+    print(f"`{shlex.join(['python', *sys.argv])}`\n")
     print("| out × in | MB | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for shape, size, cells in rows:

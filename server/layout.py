@@ -17,6 +17,7 @@ recorded (`Layout.record()`), served by the worker at /v1/models and /health, an
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -239,22 +240,18 @@ def _row_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * x).sum(-1)
 
 
-_streamed: dict[str, Callable | None] = {}
-
-
+@functools.cache
 def streamed_matvec() -> Callable | None:
     """inductor's compiled `(w * x).sum(-1)` (x: [1, in], w: [out, in] → [out]), or None where it cannot
     compile here (no C++ compiler, or a torch without inductor). Compiled once per process."""
-    if "fn" not in _streamed:
-        fn = torch.compile(_row_sums, dynamic=False)
-        try:
-            with torch.inference_mode():  # as the decoder calls it (a different mode would recompile)
-                fn(torch.ones(1, 8), torch.ones(4, 8))
-            _streamed["fn"] = fn
-        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; any of them means "not here")
-            log.warning("the streamed batch-1 head is not available here (%s: %s)", type(exc).__name__, str(exc)[:200])
-            _streamed["fn"] = None
-    return _streamed["fn"]
+    fn = torch.compile(_row_sums, dynamic=False)
+    try:
+        with torch.inference_mode():  # as the decoder calls it (a different mode would recompile)
+            fn(torch.ones(1, 8), torch.ones(4, 8))
+    except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; any of them means "not here")
+        log.warning("the streamed batch-1 head is not available here (%s: %s)", type(exc).__name__, str(exc)[:200])
+        return None
+    return fn
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tensor:
@@ -283,17 +280,9 @@ def choose_head_batch1(weight: torch.Tensor, batch_form: str, reps: int = 5) -> 
     if streamed_matvec() is None:
         return batch_form, {}
     h = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    forms = (batch_form, "streamed")
-    best = {f: float("inf") for f in forms}
-    with torch.inference_mode():
-        for round_ in range(reps + 1):  # round 0 warms up (and compiles this shape)
-            for f in forms:
-                t0 = time.perf_counter()
-                head_logits(h, weight, f)
-                if round_:
-                    best[f] = min(best[f], (time.perf_counter() - t0) * 1e6)
-    pick = "streamed" if best["streamed"] < (1 - MARGIN) * best[batch_form] else batch_form
-    return pick, {f: round(t, 1) for f, t in best.items()}
+    times = _time_in_turns({f: lambda b, f=f: head_logits(h, weight, f) for f in (batch_form, "streamed")}, reps, batches=(1,))
+    best = {f: t[1] for f, t in times.items()}  # the warm-up round also compiles this shape
+    return ("streamed" if best["streamed"] < (1 - MARGIN) * best[batch_form] else batch_form), best
 
 
 def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 5) -> dict[str, dict[int, float]]:
@@ -312,13 +301,14 @@ def time_kernels(shapes: list[tuple[int, int]], dtype: torch.dtype, reps: int = 
     return _time_in_turns({k: lambda b, k=k: one_pass(k, b) for k in kernels}, reps, per=n)
 
 
-def _time_in_turns(variants: dict[str, Callable[[int], object]], reps: int, per: int = 1) -> dict[str, dict[int, float]]:
-    """µs per call (divided by `per`) of each variant at batch 1 and PACK_BATCH: one warm-up round,
+def _time_in_turns(variants: dict[str, Callable[[int], object]], reps: int, per: int = 1,
+                   batches: tuple[int, ...] = (1, PACK_BATCH)) -> dict[str, dict[int, float]]:
+    """µs per call (divided by `per`) of each variant at each of `batches`: one warm-up round,
     then `reps` rounds in turns, so every variant sees the same machine weather; the fastest of each."""
-    best = {name: {b: float("inf") for b in (1, PACK_BATCH)} for name in variants}
+    best = {name: {b: float("inf") for b in batches} for name in variants}
     with torch.inference_mode():
         for round_ in range(reps + 1):
-            for b in (1, PACK_BATCH):
+            for b in batches:
                 for name, call in variants.items():
                     t0 = time.perf_counter()
                     call(b)
