@@ -34,13 +34,16 @@ class ChatReference:
     prompts: list[str]
     prompt_ids: list[list[int]]
     answers: list[list[int]]  # the parent's greedy answer ids (with the end-of-turn token when reached)
+    # In another tokenizer's ids (`in_tokens_of`): for each of the parent's answer tokens, the range of
+    # answer tokens here that spell it (a removed token is spelled in pieces). None: the parent's ids.
+    parent_spans: list[list[tuple[int, int]]] | None = None
 
 
 @dataclass
 class ChatScores:
     agreement: float
     kl: float
-    tokens: int  # answer tokens scored
+    tokens: int  # the parent's answer tokens scored
     degenerate_share: float
     answers: list[str]  # the member's own greedy answers
     reasons: list[str | None]  # why each answer is degenerate, or None
@@ -97,15 +100,48 @@ def in_parent_ids(ref: ChatReference, vocab: VocabMap) -> ChatReference:
     return ChatReference(ref.prompts, [to(p) for p in ref.prompt_ids], [to(a) for a in ref.answers])
 
 
+def _byte_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token ends in the answer's bytes. A byte-level BPE token's string has one symbol per
+    byte; a special token (the end of turn) counts as one byte of its own, so that it is a span too."""
+    special, ends, at = set(tokenizer.all_special_ids), [], 0
+    for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        at += 1 if i in special else len(t)
+        ends.append(at)
+    return ends
+
+
+def _spans(parent_ends: list[int], ends: list[int]) -> list[tuple[int, int]]:
+    """For each parent token (ending at `parent_ends`), the range of the other tokens (ending at
+    `ends`) that overlap its bytes."""
+    spans, lo, start = [], 0, 0
+    for end in parent_ends:
+        while lo < len(ends) and ends[lo] <= start:
+            lo += 1
+        hi = lo
+        while hi < len(ends) and (hi == lo or ends[hi - 1] < end):
+            hi += 1
+        spans.append((lo, hi))
+        start = end
+    return spans
+
+
+def agreed(hits: torch.Tensor, spans: list[tuple[int, int]]) -> int:
+    """How many parent tokens agree: those whose every piece (`spans`, ranges into `hits`) is a hit."""
+    return sum(hi > lo and bool(hits[lo:hi].all()) for lo, hi in spans)
+
+
 def in_tokens_of(ref: ChatReference, parent_tokenizer, tokenizer) -> ChatReference:
     """The same prompts and parent answers in another tokenizer's ids (a member with a trimmed
-    vocabulary, plrd/vocab.py): each answer decoded to text and encoded again, its end-of-turn kept."""
+    vocabulary, plrd/vocab.py): each answer decoded to text and encoded again, its end-of-turn kept,
+    with which of those tokens spell each of the parent's (`parent_spans`)."""
     eos = parent_tokenizer.eos_token_id
-    answers = []
+    answers, spans = [], []
     for a in ref.answers:
         ids = tokenizer(parent_tokenizer.decode(a, skip_special_tokens=True), add_special_tokens=False)["input_ids"]
-        answers.append(ids + ([tokenizer.eos_token_id] if a and a[-1] == eos else []))
-    return ChatReference(ref.prompts, [chat_prompt_ids(tokenizer, p) for p in ref.prompts], answers)
+        ids += [tokenizer.eos_token_id] if a and a[-1] == eos else []
+        answers.append(ids)
+        spans.append(_spans(_byte_ends(parent_tokenizer, a), _byte_ends(tokenizer, ids)))
+    return ChatReference(ref.prompts, [chat_prompt_ids(tokenizer, p) for p in ref.prompts], answers, spans)
 
 
 @torch.no_grad()
@@ -115,7 +151,10 @@ def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8,
     The parent scored against itself gives agreement 1.0 and KL 0 (its answers are its argmax).
     With a trimmed vocabulary, `ref` is in the member's tokens (`in_tokens_of`) and `vocab` relates
     the two vocabularies: the parent reads the same tokens in its own ids, and KL is to its
-    distribution summed onto the ids the member can say."""
+    distribution summed onto the ids the member can say. Both are then counted per token of the
+    parent's answers, as for every other member: a parent token agrees when each piece the member
+    spells it in is the member's argmax (the second piece of a split word is easy, so counting pieces
+    would flatter a smaller vocabulary), and KL is the answers' total over the parent's tokens."""
     agree, kl, tokens = 0, 0.0, 0
     parent_ref = ref if vocab is None else in_parent_ids(ref, vocab)
     for rows in _batches(len(ref.prompts), batch_size):
@@ -125,9 +164,10 @@ def score(member, parent, tokenizer, ref: ChatReference, *, batch_size: int = 8,
             theirs = [vocab.fold_logprobs(lp) for lp in theirs]
         for i, lm, lp in zip(rows, mine, theirs):
             target = torch.tensor(ref.answers[i])
-            agree += (lm.argmax(-1) == target).sum().item() if member is not parent else len(target)
+            hits = (lm.argmax(-1) == target) if member is not parent else torch.ones(len(target), dtype=torch.bool)
+            spans = [(k, k + 1) for k in range(len(target))] if ref.parent_spans is None else ref.parent_spans[i]
+            agree, tokens = agree + agreed(hits, spans), tokens + len(spans)
             kl += F.kl_div(lm, lp, log_target=True, reduction="sum").item()
-            tokens += len(target)
     own = ref.answers if member is parent else greedy_answers(
         member, tokenizer, ref.prompt_ids, max(len(a) for a in ref.answers), progress=progress, desc=f"{name} answers")
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in own]

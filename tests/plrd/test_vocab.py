@@ -96,8 +96,8 @@ def test_chat_kl_of_a_trimmed_member_is_to_the_parent_reading_the_same_tokens(ti
             mine = F.log_softmax(member(input_ids=ids).logits[0, len(p) - 1 : -1], -1)
             theirs = vocab.fold_logprobs(F.log_softmax(model(input_ids=vocab.parent_ids(ids)).logits[0, len(p) - 1 : -1], -1))
             kl += F.kl_div(mine, theirs, log_target=True, reduction="sum").item()
-            n += len(a)
-    assert got.kl == pytest.approx(kl / n, rel=1e-4) and got.kl < 1.0
+    n = sum(len(a) for a in ref.answers)  # per token of the parent's answers, as for an untrimmed member
+    assert got.tokens == n and got.kl == pytest.approx(kl / n, rel=1e-4) and got.kl < 1.0
 
 
 def test_refit_leaves_a_trimmed_parent_as_it_is(tiny, calib_rows):
@@ -197,3 +197,34 @@ def test_a_large_source_is_sampled_for_usage_not_read_whole(tiny, calib_ids):
     finally:
         del model.forward
     assert sum(calls) == 256 < len(calib_ids) and len(small.get_vocab()) == len(tok) - 64
+
+
+def test_a_parent_token_is_matched_to_the_pieces_that_spell_it():
+    # Bytes 0-3 | 3-8 | 8-9 in the parent; the member spells the second token in two pieces.
+    assert chat_eval._spans([3, 8, 9], [3, 5, 8, 9]) == [(0, 1), (1, 3), (3, 4)]
+    # A piece that straddles two parent tokens belongs to both.
+    assert chat_eval._spans([4, 8], [2, 6, 8]) == [(0, 2), (1, 3)]
+    # The same tokenization: one piece each.
+    assert chat_eval._spans([1, 4, 6], [1, 4, 6]) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_a_split_parent_token_agrees_only_when_every_piece_does():
+    hits = torch.tensor([True, True, False, True])
+    assert chat_eval.agreed(hits, [(0, 1), (1, 3), (3, 4)]) == 2  # the easy second piece is not counted alone
+    assert chat_eval.agreed(torch.ones(4, dtype=torch.bool), [(0, 1), (1, 3), (3, 4)]) == 3
+    assert chat_eval.agreed(hits, [(4, 4)]) == 0  # nothing spells it: not an agreement
+
+
+def test_trimmed_answers_are_scored_per_token_of_the_parents_answers(tiny):
+    model, tok = tiny
+    ref = chat_eval.reference(model, tok, ["What is the capital of Japan?", "Name three colours."], max_new_tokens=12, progress=False)
+    same = chat_eval.in_tokens_of(ref, tok, tok)
+    assert [[(k, k + 1) for k in range(len(a))] for a in ref.answers] == same.parent_spans
+    small = trim_tokenizer(tok, _used_most(tok, len(tok) - 64))
+    member_ref = chat_eval.in_tokens_of(ref, tok, small)
+    for a, m, spans in zip(ref.answers, member_ref.answers, member_ref.parent_spans):
+        assert len(spans) == len(a) and spans[0][0] == 0 and spans[-1][1] == len(m)
+        for piece, parent_id in zip(spans, a):  # each parent token's pieces spell it
+            lo, hi = piece
+            if parent_id != tok.eos_token_id:
+                assert small.decode(m[lo:hi]) == tok.decode([parent_id])
