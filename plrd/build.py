@@ -49,13 +49,13 @@ from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.sensitivity import output_sensitivity
 from family.vocab_map import VocabMap
-from plrd.vocab import most_used_vocabulary, reencode, trim_model
+from plrd.vocab import choose_vocabulary, reencode, trim_model, trim_tokenizer, usage_on
 from plrd.width import parent_neurons, prune_width, read_neurons, refit_rows, width_for, write_neurons
 
 METHODS = ("whitened", "plain", "width")
 
 PROVENANCE = "provenance.json"
-VOCAB_METHOD = "the tokens the parent uses most on its corpus, closed under BPE merges"
+VOCAB_METHOD = "the tokens the parent uses most on its corpus, closed under BPE merges, within the previous member's"
 
 
 @dataclass
@@ -74,7 +74,9 @@ class BuildConfig:
     calib_field: str | None = None  # JSONL field / dataset column when the spec does not name it
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # with calib="parent"
     on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(tokens=defaults.ON_POLICY_TOKENS))  # after healing, from the parent
-    vocab_size: int | None = defaults.VOCAB_SIZE  # every member keeps the N tokens the parent uses most (plrd/vocab.py); None: the parent's vocabulary
+    # Each member keeps the N tokens the parent uses most (plrd/vocab.py): one N for every member, or one
+    # per target (non-increasing; each member's a subset of the previous one's); None: the parent's.
+    vocab_size: int | tuple[int, ...] | None = defaults.VOCAB_SIZE
     runs_dir: Path = field(default_factory=lambda: defaults.RUNS_DIR)  # where the parent's corpus is cached
     seed: int = 0
     command: str = field(default_factory=lambda: shlex.join(["family", *sys.argv[1:]]))
@@ -102,6 +104,17 @@ def parse_targets(text: str) -> list[float]:
     if any(b >= a for a, b in zip(targets, targets[1:])):
         raise FamilyError(f"--targets must be strictly decreasing (each member is cut from the previous one), got {text}")
     return targets
+
+
+def parse_vocab_sizes(text: str) -> int | tuple[int, ...] | None:
+    """'24576' → 24576 (every member); '24576,16384,16384' → one per target; '0' → None (the parent's)."""
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise FamilyError(f"--vocab-size must be a whole number or one per target like 24576,16384,16384, got {text!r}") from None
+    if not sizes or any(s < 0 for s in sizes):
+        raise FamilyError(f"--vocab-size must be sizes ≥ 0, got {text!r}")
+    return None if sizes == (0,) else sizes[0] if len(sizes) == 1 else sizes
 
 
 def is_complete(member_dir: Path) -> bool:
@@ -134,17 +147,40 @@ def _heal_record(result) -> dict:
     return record
 
 
-def _family_tokenizer(cfg: BuildConfig, parent, tokenizer, sequences: list[list[int]], out: Path, name: str, progress: bool):
-    """The members' trimmed tokenizer: a finished member's, so that a resumed build keeps the
-    vocabulary it started with; else the `cfg.vocab_size` tokens the parent uses most on its data."""
-    for target in cfg.targets:
-        if is_complete(member_dir := out / member_name(name, target)):
+def vocab_sizes(vocab_size: int | tuple[int, ...] | None, targets: list[float], parent_size: int) -> list[int]:
+    """Each target's vocabulary size (the parent's where nothing is trimmed)."""
+    sizes = [parent_size] * len(targets) if not vocab_size else [vocab_size] * len(targets) if isinstance(vocab_size, int) else list(vocab_size)
+    if len(sizes) != len(targets):
+        raise FamilyError(f"--vocab-size gives {len(sizes)} sizes for {len(targets)} targets: give one for all, or one per target")
+    sizes = [min(s, parent_size) if s else parent_size for s in sizes]
+    if any(b > a for a, b in zip(sizes, sizes[1:])):
+        raise FamilyError(f"--vocab-size must not grow down the family (each member speaks a subset of the previous one's), got {sizes}")
+    return sizes
+
+
+def _member_tokenizers(sizes: list[int], parent, tokenizer, sequences: list[list[int]], member_dirs: list[Path], seed: int,
+                       seq_len: int, progress: bool) -> list:
+    """Each member's tokenizer: a finished member's own, so that a resumed build keeps the vocabulary
+    it started with; else the previous member's where the size is the same; else the `size` tokens
+    the parent uses most on its data, among those the previous member speaks."""
+    usage, previous, out = None, tokenizer, []
+    for size, member_dir in zip(sizes, member_dirs):
+        if is_complete(member_dir):
             member_tok = AutoTokenizer.from_pretrained(member_dir)
-            if len(member_tok.get_vocab()) != cfg.vocab_size:
-                raise FamilyError(f"{member_dir} has a vocabulary of {len(member_tok.get_vocab())} tokens, not --vocab-size {cfg.vocab_size}: "
+            if len(member_tok.get_vocab()) != size:
+                raise FamilyError(f"{member_dir} has a vocabulary of {len(member_tok.get_vocab())} tokens, not --vocab-size {size}: "
                                   "build into another --out, or give its size")
-            return member_tok
-    return most_used_vocabulary(parent, tokenizer, sequences, cfg.vocab_size, seq_len=cfg.heal.seq_len, seed=cfg.seed, progress=progress)
+            member_tok = tokenizer if size == len(tokenizer.get_vocab()) else member_tok
+        elif size == len(previous.get_vocab()):
+            member_tok = previous
+        else:
+            if usage is None:
+                usage = usage_on(parent, sequences, seq_len=seq_len, seed=seed, progress=progress)
+            within = None if previous is tokenizer else VocabMap.between(tokenizer, previous).to_parent.tolist()
+            member_tok = trim_tokenizer(tokenizer, choose_vocabulary(tokenizer, usage, size, within=within))
+        out.append(member_tok)
+        previous = member_tok
+    return out
 
 
 def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
@@ -162,7 +198,8 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     source = None if from_parent else read_source(cfg.calib, field=cfg.calib_field)  # fail on bad data before loading anything heavy
     parent, tokenizer = load_parent(cfg.parent)
     parent_params = count_parameters(parent)
-    trimming = bool(cfg.vocab_size) and cfg.vocab_size < parent.config.vocab_size
+    sizes = vocab_sizes(cfg.vocab_size, cfg.targets, parent.config.vocab_size)
+    trimming = min(sizes) < parent.config.vocab_size
     if trimming and cfg.on_policy.tokens > 0:
         raise FamilyError("on-policy distillation does not fold the parent's vocabulary onto a trimmed one: use --vocab-size 0 with --on-policy-tokens")
     out = Path(cfg.out)
@@ -194,34 +231,41 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
     else:
         sequences = [tokenize(tokenizer, source.text).tolist()]
         data_record = {"source": source.spec, "sha256": source.sha256}
-    # The family's vocabulary: members speak the tokens the parent uses most (plrd/vocab.py); their data
-    # is re-encoded in them, and the parent's distribution is folded onto them (`vocab`).
-    member_tok, vocab = tokenizer, None
-    if trimming:
-        member_tok = _family_tokenizer(cfg, parent, tokenizer, sequences, out, name, progress and state.is_main_process)
-        vocab = VocabMap.between(tokenizer, member_tok)
-        sequences = reencode(sequences, tokenizer, member_tok)
-    ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
-    calib = pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed)
+    # The members' vocabularies: each speaks the tokens the parent uses most (plrd/vocab.py), a subset
+    # of the previous member's; its data is re-encoded in them, and the parent's distribution is folded
+    # onto them (`vocab`).
+    member_dirs = [out / member_name(name, t) for t in cfg.targets]
+    member_toks = _member_tokenizers(sizes, parent, tokenizer, sequences, member_dirs, cfg.seed, cfg.heal.seq_len,
+                                     progress and state.is_main_process) if trimming else [tokenizer] * len(sizes)
+
+    def data_in(member_tok):
+        """Calibration and healing rows in a member's tokens."""
+        seqs = sequences if member_tok is tokenizer else reencode(sequences, tokenizer, member_tok)
+        ids = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long)
+        heal_rows = pack(ids, cfg.heal.seq_len)
+        return pack(ids, cfg.calib_seq_len, cfg.calib_sequences, seed=cfg.seed), heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
+
     # On-policy distillation: the member answers the corpus's own seed prompts (never the held-out eval prompts).
     seed_prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in read_prompts(SEED_PROMPTS)[: cfg.corpus.max_prompts]] if cfg.on_policy.tokens > 0 else []
-    heal_rows = pack(ids, cfg.heal.seq_len)
-    heal_rows = heal_rows[torch.randperm(len(heal_rows), generator=torch.Generator().manual_seed(cfg.seed))]
 
     # `neurons`: which of the parent's MLP neurons each neuron of `current` is (the refit's targets).
-    current, current_name, made, neurons = parent, parent_name(name), [], parent_neurons(parent)
-    if vocab is not None:  # the first member is cut from the parent with its vocabulary trimmed
-        current = trim_model(copy.deepcopy(parent), vocab.to_parent.tolist())
-    for target in cfg.targets:
-        this = member_name(name, target)
-        member_dir = out / this
+    current, current_tok, current_name, made, neurons = parent, tokenizer, parent_name(name), [], parent_neurons(parent)
+    data_tok, calib, heal_rows = None, None, None
+    for target, member_dir, member_tok in zip(cfg.targets, member_dirs, member_toks):
+        this = member_dir.name
         if is_complete(member_dir):
             current = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
             neurons = read_neurons(member_dir, current, parent)
-            current_name = this
+            current_tok, current_name = member_tok, this
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
+        vocab = None if member_tok is tokenizer else VocabMap.between(tokenizer, member_tok)
+        if member_tok is not current_tok:  # a smaller vocabulary first: rows of the tied embedding, the kept tokens of `current`'s
+            current = trim_model(copy.deepcopy(current), VocabMap.between(current_tok, member_tok).to_parent.tolist())
+            current_tok = member_tok
+        if data_tok is not member_tok:
+            calib, heal_rows, data_tok = *data_in(member_tok), member_tok
         # The vocabulary cut alone may reach the target: then nothing is pruned, refit or distilled.
         width = width_for(current, target, parent_params) if cfg.method == "width" else None
         cut = width is None or width < current.config.intermediate_size

@@ -40,7 +40,7 @@ def build(
     name: str = typer.Option("", help="family name; members are NAME-p90, NAME-p80, ... (default: the parent folder's name without 'parent-')"),
     method: str = typer.Option(defaults.METHOD, help="width (prune MLP neurons, the same number in every layer: dense members, no factors; --allocation does not apply), whitened (activation-aware SVD) or plain (SVD of W)"),
     allocation: str = typer.Option(defaults.ALLOCATION, help="allocated (rank where truncation loses the largest share of a matrix's output), sensitivity (that energy weighted by the measured effect of each output on the loss) or uniform"),
-    vocab_size: int = typer.Option(defaults.VOCAB_SIZE, min=0, help="every member keeps the N tokens the parent uses most on its corpus (rows of the tied embedding); 0, or N at or past the parent's vocabulary: the whole vocabulary"),
+    vocab_size: str = typer.Option(str(defaults.VOCAB_SIZE), help="each member keeps the N tokens the parent uses most on its corpus (rows of the tied embedding): one N for every member, or one per target (N1,N2,..., not growing: each member speaks a subset of the previous one's); 0, or N at or past the parent's vocabulary: the whole vocabulary"),
     calib_field: str = typer.Option("", help="JSONL field / dataset column holding the text (default: text)"),
     calib_sequences: int = typer.Option(defaults.CALIB_SEQUENCES, help="calibration sequences"),
     calib_seq_len: int = typer.Option(defaults.CALIB_SEQ_LEN, help="calibration sequence length"),
@@ -58,7 +58,7 @@ def build(
 ) -> None:
     """Build a family: cut (MLP width or SVD) → refit → heal by distillation → save, each member cut from the previous one. Resumable."""
     from family.errors import FamilyError
-    from plrd.build import METHODS, BuildConfig, build_family, parse_targets
+    from plrd.build import METHODS, BuildConfig, build_family, parse_targets, parse_vocab_sizes
     from plrd.corpus import CorpusConfig
     from plrd.heal import HealConfig
     from plrd.onpolicy import OnPolicyConfig
@@ -87,7 +87,7 @@ def build(
         parent=Path(parent) if Path(parent).exists() else parent, targets=parse_targets(targets), calib=calib, out=out,
         name=name or None, heal=heal_cfg, method=method, allocation=allocation, init=init, calib_sequences=calib_sequences,
         calib_field=calib_field or None, calib_seq_len=calib_seq_len, corpus=corpus, seed=seed,
-        vocab_size=vocab_size or None,
+        vocab_size=parse_vocab_sizes(vocab_size),
         on_policy=OnPolicyConfig(tokens=on_policy_tokens, max_new_tokens=corpus_answer_tokens, temperature=rollout_temperature, seed=seed),
     )
     for path in build_family(cfg):

@@ -69,10 +69,12 @@ def token_usage(model: nn.Module, rows: torch.Tensor, batch_size: int = 8, progr
     return usage
 
 
-def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int) -> list[int]:
+def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int, within: list[int] | None = None) -> list[int]:
     """The parent ids of a closed vocabulary of `size` tokens: every base token (specials, the byte
     alphabet), then tokens by descending `usage`, each with the merge parts it needs; a token whose
-    parts would overflow `size` is passed over. Ties go to the lower id (the earlier merge)."""
+    parts would overflow `size` is passed over. Ties go to the lower id (the earlier merge).
+    `within`: only these ids (a closed vocabulary: a larger member's), so that a smaller member of a
+    family speaks a subset of the larger one it is cut from."""
     vocab, parts_of = _merge_tree(tokenizer)
     keep = {i for token, i in vocab.items() if token not in parts_of}
     if size < len(keep):
@@ -87,7 +89,10 @@ def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int) -> list[int]:
                 needed(part, into)
             into.add(vocab[token])
 
-    for i in sorted(token_of, key=lambda i: (-float(usage[i]), i)):
+    allowed = set(token_of) if within is None else set(within)
+    if size > len(allowed):
+        raise FamilyError(f"vocabulary size {size} is past the {len(allowed)} tokens it is chosen within")
+    for i in sorted(allowed, key=lambda i: (-float(usage[i]), i)):
         if len(keep) >= size:
             break
         add: set[int] = set()
@@ -97,15 +102,22 @@ def choose_vocabulary(tokenizer, usage: torch.Tensor, size: int) -> list[int]:
     return sorted(keep)
 
 
-def most_used_vocabulary(parent: nn.Module, tokenizer, sequences: list[list[int]], size: int, *, seq_len: int = 256,
-                         max_tokens: int = defaults.VOCAB_USAGE_TOKENS, seed: int = 0, progress: bool = True):
-    """The trimmed tokenizer of the `size` tokens `parent` uses most on `sequences` (in its own ids),
-    from at most `max_tokens` of them (rows drawn at random), so a large text source costs no more
-    than the parent's own corpus (about 71k tokens, read whole)."""
+def usage_on(parent: nn.Module, sequences: list[list[int]], *, seq_len: int = 256, max_tokens: int = defaults.VOCAB_USAGE_TOKENS,
+             seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """`token_usage` of `parent` on `sequences` (in its own ids), from at most `max_tokens` of them
+    (rows drawn at random), so a large text source costs no more than the parent's own corpus (about
+    71k tokens, read whole)."""
     rows = pack(torch.tensor([t for seq in sequences for t in seq], dtype=torch.long), seq_len)
     if len(rows) * seq_len > max_tokens:
         rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: max(1, max_tokens // seq_len)]]
-    return trim_tokenizer(tokenizer, choose_vocabulary(tokenizer, token_usage(parent, rows, progress=progress), size))
+    return token_usage(parent, rows, progress=progress)
+
+
+def most_used_vocabulary(parent: nn.Module, tokenizer, sequences: list[list[int]], size: int, *, seq_len: int = 256,
+                         max_tokens: int = defaults.VOCAB_USAGE_TOKENS, seed: int = 0, progress: bool = True):
+    """The trimmed tokenizer of the `size` tokens `parent` uses most on `sequences` (`usage_on`)."""
+    usage = usage_on(parent, sequences, seq_len=seq_len, max_tokens=max_tokens, seed=seed, progress=progress)
+    return trim_tokenizer(tokenizer, choose_vocabulary(tokenizer, usage, size))
 
 
 def trim_tokenizer(tokenizer, keep: list[int]):

@@ -12,7 +12,7 @@ import plrd.build
 from family import defaults
 from family.errors import FamilyError
 from family.registry import load_family
-from plrd.build import BuildConfig, build_family
+from plrd.build import BuildConfig, build_family, parse_vocab_sizes, vocab_sizes
 from plrd.heal import HealConfig
 
 
@@ -198,6 +198,45 @@ def test_a_trimmed_vocabulary_is_every_members_own_and_alone_can_make_the_first_
     assert second["method"] == "width-pruning" and second["init"]["method"] == "refit" and second["vocabulary"]["size"] == size
     assert abs(second["achieved_fraction"] - 0.8) < 0.01
     assert load_family(tmp_path / "fam", verify="full").problems == {}
+
+
+def test_each_member_can_keep_fewer_tokens_a_subset_of_the_previous_members(tiny_parent_dir, tmp_path):
+    """--vocab-size N1,N2: one size per target. A smaller member speaks a subset of the vocabulary of
+    the member it is cut from, its tied embedding those rows of that member's."""
+    from plrd.corpus import CorpusConfig
+
+    cfg = BuildConfig(
+        parent=tiny_parent_dir, targets=[0.97, 0.8], calib=defaults.CALIB_PARENT, out=tmp_path / "fam", name="tiny",
+        heal=HealConfig(tokens=128, seq_len=32, batch_size=2, grad_accum=1, distill_weight=1.0), method="width",
+        calib_sequences=4, calib_seq_len=32, corpus=CorpusConfig(max_prompts=6, max_new_tokens=8, max_openers=4),
+        runs_dir=tmp_path / "runs", vocab_size=(320, 300), command="test",
+    )
+    p97, p80 = build_family(cfg, progress=False)
+    big, small = AutoTokenizer.from_pretrained(p97), AutoTokenizer.from_pretrained(p80)
+    assert len(big) == 320 and len(small) == AutoModelForCausalLM.from_pretrained(p80).config.vocab_size == 300
+    assert set(small.get_vocab()) < set(big.get_vocab())
+    second = json.loads((p80 / "provenance.json").read_text())
+    assert second["vocabulary"]["size"] == 300 and second["method"] == "width-pruning" and abs(second["achieved_fraction"] - 0.8) < 0.01
+    assert load_family(tmp_path / "fam", verify="full").problems == {}
+    # Resumed with the same sizes, nothing is redone; with other sizes, a finished member is not silently changed.
+    assert build_family(cfg, progress=False) == [p97, p80]
+    cfg.vocab_size = (320, 310)
+    with pytest.raises(FamilyError, match="vocabulary of 300 tokens, not --vocab-size 310"):
+        build_family(cfg, progress=False)
+
+
+def test_vocabulary_sizes_are_one_for_all_or_one_per_target_and_never_grow():
+    assert parse_vocab_sizes("24576") == 24576 and parse_vocab_sizes("0") is None
+    assert parse_vocab_sizes("24576,16384,16384") == (24576, 16384, 16384)
+    assert vocab_sizes(24576, [0.9, 0.8], 49152) == [24576, 24576]
+    assert vocab_sizes(None, [0.9, 0.8], 49152) == [49152, 49152]
+    assert vocab_sizes((0, 16384), [0.9, 0.8], 49152) == [49152, 16384]  # the first member keeps the parent's
+    with pytest.raises(FamilyError, match="one per target"):
+        vocab_sizes((24576, 16384), [0.9, 0.8, 0.7], 49152)
+    with pytest.raises(FamilyError, match="must not grow"):
+        vocab_sizes((16384, 24576), [0.9, 0.8], 49152)
+    with pytest.raises(FamilyError, match="whole number"):
+        parse_vocab_sizes("24k")
 
 
 def test_on_policy_distillation_is_refused_with_a_trimmed_vocabulary(tiny_parent_dir, tmp_path):
