@@ -14,8 +14,15 @@ are one stacked matmul whose rows are the dense weights of the merged ones and t
 factored ones, then each factored one's B; o and down are one matmul dense or two factored. Every
 one runs on the layout's kernel (server.kernels: aten, or oneDNN on weights reordered at load), and
 the tied LM head in the layout's measured call form (server.layout.HEADS; for a single row, the form
-measured for batch 1, which may be inductor's streamed matrix-vector product). Norms,
-the rotary embedding and the embedding are `transformers`' own modules, so numerics match them.
+measured for batch 1, which may be inductor's streamed matrix-vector product).
+
+Few ops per layer, because at batch 1 each op costs microseconds whatever its size: the norms are
+one `F.rms_norm` each (transformers' module is seven ops), and the rotary embedding is one complex
+multiply for q and one for k. For that the rows of q_proj and k_proj are reordered at load so that
+each head's dimensions j and j + head_dim/2 (the pair the rotation mixes) sit side by side; q and k
+get the same order, so every attention score q·k is unchanged, and only this decoder's own cache
+ever holds the reordered keys. The cos/sin are `transformers`' rotary module's. One row decodes
+without an attention mask (its keys are exactly the cache up to its position).
 
 Not compiled: torch.compile (inductor, C++ codegen) of the layer loop took 7 minutes for the 2-layer
 test model on this 2-core machine under load and, with the cache width changing as rows grow, kept
@@ -28,20 +35,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.kernels import Linear
 from server.layout import STAGES, Form, Layout, Projection, head_logits
 
 
-class Stage:
-    """Projections of one shared input: one stacked first matmul, then a B matmul per factored one."""
+def pairs_side_by_side(rows: int, head_dim: int) -> torch.Tensor:
+    """The row order that puts each head's dimensions j and j + head_dim/2 next to each other."""
+    half = head_dim // 2
+    head = torch.stack([torch.arange(half), torch.arange(half) + half], -1).flatten()
+    return (torch.arange(0, rows, head_dim)[:, None] + head).flatten()
 
-    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype, kernel: str = "aten"):
+
+class Stage:
+    """Projections of one shared input: one stacked first matmul, then a B matmul per factored one.
+    `orders`: a row order for a projection's outputs (by index in `parts`), applied to its weights."""
+
+    def __init__(self, parts: list[tuple[Projection, Form]], dtype: torch.dtype, kernel: str = "aten",
+                 orders: dict[int, torch.Tensor] | None = None):
         firsts, biases, self.slices = [], [], []
         offset, has_bias = 0, any(p.bias is not None for p, _ in parts)
-        for proj, form in parts:
+        for k, (proj, form) in enumerate(parts):
             first, second, bias = form.matrices(proj)
+            if (order := (orders or {}).get(k)) is not None:  # the outputs' rows: B's where factored
+                bias = None if bias is None else bias[order]
+                first, second = (first[order], None) if second is None else (first, second[order])
             rows = first.shape[0]
             firsts.append(first)
             # A dense projection's bias belongs to the stacked matmul; a factored one's to its B.
@@ -60,9 +78,29 @@ class Stage:
         return [h[..., a:b] if second is None else second(h[..., a:b]) for a, b, second in self.slices]
 
 
+def _norm(module: nn.Module):
+    """A Llama RMSNorm module as one `F.rms_norm`."""
+    weight, eps = module.weight.detach(), module.variance_epsilon
+    return lambda x: F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rotation_of(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama cos/sin [n, t, head_dim] (each half the same) as complex rotations
+    [n, t, 1, head_dim/2], one per pair and shared by the heads."""
+    half, real = cos.shape[-1] // 2, torch.float64 if cos.dtype == torch.float64 else torch.float32
+    return torch.complex(cos[..., :half].to(real), sin[..., :half].to(real))[:, :, None]
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of `x` [n, t, heads, head_dim] whose pairs sit side by side, as a complex
+    multiply (bf16 has no complex type: its pairs are rotated in float32 and rounded back)."""
+    pairs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * rotation).flatten(-2).to(x.dtype)
+
+
 class _Layer:
     def __init__(self, hf_layer: nn.Module, qkv: Stage, o: Stage, gate_up: Stage, down: Stage):
-        self.ln1, self.ln2 = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        self.ln1, self.ln2 = _norm(hf_layer.input_layernorm), _norm(hf_layer.post_attention_layernorm)
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
 
 
@@ -75,14 +113,16 @@ class StaticDecoder:
             raise ValueError(f"unsupported activation {cfg.hidden_act!r} (the Llama family uses silu)")
         self.layout, self.dtype = layout, layout.dtype
         model = model.to(layout.dtype)
-        self.embed, self.norm, self.rotary = model.model.embed_tokens, model.model.norm, model.model.rotary_emb
+        self.embed, self.norm, self.rotary = model.model.embed_tokens, _norm(model.model.norm), model.model.rotary_emb
         self.lm_head = model.lm_head.weight.detach()
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = []
+        pairs = {0: pairs_side_by_side(self.heads * self.head_dim, self.head_dim),  # q and k (STAGES[0] is q, k, v)
+                 1: pairs_side_by_side(self.kv_heads * self.head_dim, self.head_dim)}
         for i, hf_layer in enumerate(model.model.layers):
             stages = [Stage([(Projection.of(model, f"model.layers.{i}.{n}"), layout.forms[f"model.layers.{i}.{n}"]) for n in names],
-                            layout.dtype, layout.kernel) for names in STAGES]
+                            layout.dtype, layout.kernel, orders=pairs if names == STAGES[0] else None) for names in STAGES]
             self.layers.append(_Layer(hf_layer, *stages))
         self.max_slots, self.max_len, self.min_width = max_slots, max_len, min_width
         self.keys: list[torch.Tensor] = []
@@ -148,12 +188,17 @@ class StaticDecoder:
         width = int(positions.max()) + 1
         self.reserve(n, width)
         rows = torch.arange(n)
-        mask = (torch.arange(width)[None] <= positions[:, None])[:, None, None, :]  # [n, 1, 1, width]
+        # One row attends to the whole cache up to its position: no mask needed.
+        mask = None if n == 1 else (torch.arange(width)[None] <= positions[:, None])[:, None, None, :]  # [n, 1, 1, width]
 
         def attend(i: int, q, k, v):
             keys, values = self.keys[i], self.values[i]
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
+            if n == 1:  # a plain copy into the row's next position (an indexed write is a few µs more, 60 times a step)
+                keys[0, :, width - 1].copy_(k[0, :, 0])
+                values[0, :, width - 1].copy_(v[0, :, 0])
+            else:
+                keys[rows, :, positions] = k[:, :, 0]
+                values[rows, :, positions] = v[:, :, 0]
             return F.scaled_dot_product_attention(q, keys[:n, :, :width], values[:n, :, :width], attn_mask=mask,
                                                   enable_gqa=self.kv_heads != self.heads)
 
@@ -162,13 +207,12 @@ class StaticDecoder:
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         n, t = positions.shape
-        cos, sin = self.rotary(x, positions)
+        rotation = rotation_of(*self.rotary(x, positions))
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.ln1(x))
-            q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = rotate(q.view(n, t, self.heads, self.head_dim), rotation).transpose(1, 2)
+            k = rotate(k.view(n, t, self.kv_heads, self.head_dim), rotation).transpose(1, 2)
             v = v.reshape(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             a = attend(i, q, k, v).transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
             x = x + layer.o(a)[0]
             gate, up = layer.gate_up(layer.ln2(x))

@@ -2,7 +2,7 @@
 with the official client; a member it does not hold is a 404 in OpenAI's shape; the gateway routes
 around the shared worker when its process is killed. And the decode path's layouts (stacked, merged
 back to dense, factored at a padded rank; on each matmul kernel) and its slot compaction give
-transformers' greedy tokens."""
+transformers' greedy tokens, and in bf16 transformers' logits."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family.profile import WorkerProcess
 from family.registry import load_family
-from server.decoder import StaticDecoder
+from server.decoder import StaticDecoder, pairs_side_by_side, rotate, rotation_of
 from server.engine_torch import TorchEngine
 from server.fleet import WorkerSpec
 from server.gateway import create_app as create_gateway
@@ -193,6 +193,53 @@ def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_m
             pos = pos + 1
             one.append(int(alone[0]))
         assert one == refs[1], (layout.how, layout.kernel, layout.head_batch1)
+
+
+def test_rotating_pairs_side_by_side_is_transformers_rotary_in_that_order():
+    """The decoder reorders q/k rows so each rotated pair sits side by side and rotates by one complex
+    multiply: the result must be transformers' rotary embedding, reordered the same way (so q·k is
+    unchanged), in float32 and, rounded once, in bf16."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    heads, head_dim, t = 3, 16, 5
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, max_position_embeddings=64))
+    q = torch.randn(1, t, heads, head_dim)
+    cos, sin = rotary(q, torch.arange(3, 3 + t)[None])
+    ref, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)  # [1, heads, t, head_dim]
+    order = pairs_side_by_side(heads * head_dim, head_dim)
+    reordered = lambda x: x.reshape(1, t, heads * head_dim)[..., order].view(1, t, heads, head_dim)  # noqa: E731
+    got = rotate(reordered(q), rotation_of(cos, sin))
+    assert torch.allclose(got, reordered(ref.transpose(1, 2)), atol=1e-6)
+    got16 = rotate(reordered(q).bfloat16(), rotation_of(cos.bfloat16(), sin.bfloat16()))
+    assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), reordered(ref.transpose(1, 2)), atol=3e-2)
+
+
+@pytest.mark.parametrize("policy", ["factored", "dense"])
+def test_the_decoders_logits_are_transformers_own(tiny_member_dir, policy):
+    """Prefill and one decode step: transformers' logits to float32 rounding (a rotary or norm that is
+    slightly off moves them by 1e-3 on the tiny model, and its greedy tokens may not show it)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.float32).eval()
+    prompt = list(range(5, 40))
+    dec = StaticDecoder(model, plan_layout(model, "float32", policy, kernel="aten"), max_slots=2, max_len=64, min_width=8)
+    first = dec.prefill(0, [prompt[:-1]])
+    step = dec.decode(torch.tensor([prompt[-1]]), torch.tensor([len(prompt) - 1]))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt])).logits
+    assert torch.allclose(first[0], ref[0, -2], atol=1e-5) and torch.allclose(step[0], ref[0, -1], atol=1e-5)
+
+
+def test_a_bf16_decoder_gives_transformers_bf16_logits(tiny_member_dir):
+    """bf16 weights (`--dtype bfloat16/auto`): the rotary pairs are rotated in float32 and rounded back,
+    so the decoder's logits stay those of transformers' own bf16 forward, within bf16's rounding."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.bfloat16).eval()
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    dec = StaticDecoder(model, plan_layout(model, "bfloat16", "dense", kernel="aten"), max_slots=2, max_len=64, min_width=8)
+    first = dec.prefill(0, [prompt[:-1]])
+    step = dec.decode(torch.tensor([prompt[-1]]), torch.tensor([len(prompt) - 1]))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt])).logits.float()
+    assert torch.allclose(first[0], ref[0, -2], atol=0.1, rtol=0.05)
+    assert torch.allclose(step[0], ref[0, -1], atol=0.1, rtol=0.05)
 
 
 def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_path):
