@@ -45,6 +45,8 @@ def summarize_group(outs: list[Outcome], elapsed_s: float) -> dict:
         "ttft_ms": _percentiles([o.ttft_ms for o in ok if o.stream]),
         "tpot_ms": _percentiles([o.tpot_ms for o in ok if o.tpot_ms is not None]),
         "e2e_ms": _percentiles([o.e2e_ms for o in ok]),
+        # How far the gateway's latency prediction (x-family-predicted-latency-ms) was from what happened.
+        "e2e_over_predicted": _percentiles([o.e2e_ms / o.predicted_latency_ms for o in ok if o.predicted_latency_ms and o.e2e_ms is not None]),
         "served_by": dict(Counter(o.member or "-" for o in ok)),
         "streamed": sum(o.stream for o in outs),
     }
@@ -70,7 +72,7 @@ def markdown_table(policies: dict[str, dict]) -> str:
     classes = [c for c in CLASS_NAMES if any(c in s["by_class"] for s in policies.values())]
     mix = any("goodput_mix" in s["overall"] for s in policies.values())
     head = ["policy", "requests", "goodput", *(["goodput at class mix"] if mix else []), *[f"goodput {c}" for c in classes], "req/s", "tok/s", "TTFT p50/p90 ms",
-            "e2e p50/p90 ms", "rejected", "429", "failed", "served by"]
+            "e2e p50/p90 ms", "e2e / predicted p50/p90", "rejected", "429", "failed", "served by"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in policies.items():
         o = s["overall"]
@@ -80,6 +82,7 @@ def markdown_table(policies: dict[str, dict]) -> str:
         row += [_fmt(s["by_class"].get(c, {}).get("goodput") and 100 * s["by_class"][c]["goodput"], ".1f") + "%" for c in classes]
         row += [_fmt(o["throughput_rps"], ".2f"), _fmt(o["throughput_tok_s"], ".0f"),
                 f"{_fmt(o['ttft_ms']['p50'])}/{_fmt(o['ttft_ms']['p90'])}", f"{_fmt(o['e2e_ms']['p50'])}/{_fmt(o['e2e_ms']['p90'])}",
+                f"{_fmt(o['e2e_over_predicted']['p50'], '.2f')}/{_fmt(o['e2e_over_predicted']['p90'], '.2f')}" if "e2e_over_predicted" in o else "-",
                 str(o["rejected_budget_error"]), str(o["overloaded_429"]), str(o["failed"]),
                 ", ".join(f"{k}:{v}" for k, v in sorted(o["served_by"].items()))]
         lines.append("| " + " | ".join(row) + " |")

@@ -128,8 +128,10 @@ class Pool:
                  interval: float = 2.0, base_cooldown: float = 2.0, max_cooldown: float = 60.0):
         self.workers = [WorkerState(s) for s in specs]
         self._by_member: dict[str, list[WorkerState]] = {}
+        self._by_url: dict[str, list[WorkerState]] = {}  # one worker process serving several members
         for w in self.workers:
             self._by_member.setdefault(w.spec.member, []).append(w)
+            self._by_url.setdefault(w.name, []).append(w)
         self.session = session
         self.metrics = metrics
         self.interval, self.base_cooldown, self.max_cooldown = interval, base_cooldown, max_cooldown
@@ -138,6 +140,10 @@ class Pool:
 
     def for_member(self, member: str) -> list[WorkerState]:
         return self._by_member.get(member, [])
+
+    def siblings(self, w: WorkerState) -> list[WorkerState]:
+        """The other members' states on `w`'s worker process (the same URL)."""
+        return [s for s in self._by_url.get(w.name, []) if s is not w]
 
     def fail(self, w: WorkerState, reason: str) -> None:
         """A failed request or check: out of rotation for a growing cooldown."""

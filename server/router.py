@@ -8,7 +8,8 @@ member that is unfit under the family's fitness policy (degenerate chat answers,
 the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
 warning on its Choice. For each of its available workers, latency is predicted from the
 registry's latency model for that device class, at the worker's current load, and scaled by what
-the gateway has observed of that worker (EWMA of observed/predicted). On a device class where the
+the gateway has observed of that worker (EWMA of observed/predicted), plus one step of each busy
+member that shares its worker process (server.shared_worker). On a device class where the
 member was never profiled, the model is predicted from the device's bandwidth and the member's bytes
 (family/devices.py, marked `predicted`) until `family profile` measures it; a member on a device class
 the registry knows nothing about fits only budgets without latency limits. Memory is the member's
@@ -27,6 +28,7 @@ from family.registry import Family, MemberRecord
 from server.errors import APIError
 from server.pool import Pool, WorkerState
 from server.protocol import Budget
+from server.shared_worker import siblings_step_s
 
 
 @dataclass
@@ -85,16 +87,20 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
 
 
 def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0,
-             devices: dict | None = None, idle: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+             devices: dict | None = None, idle: bool = False, shared_s: float = 0.0) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
-    skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts)."""
+    skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts).
+    `shared_s`: what busy members sharing the worker add to each step (server.shared_worker)."""
     concurrency = w.load() + 1 if live and not idle else 1
     if cached and w.spec.prefix_caching:
         prompt_tokens = max(1, prompt_tokens - cached)
     base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency, devices)  # measured, else predicted
     if base is None or not live:
         return base, base
+    if shared_s and not idle:
+        ttft, tpot = base.ttft_s + shared_s, base.tpot_s + shared_s
+        base = LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
     ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
 
@@ -148,7 +154,9 @@ def route(
         best_verdict = None
         for w in workers:
             verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
-            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices, idle) if verdict is None else (None, None)
+            shared = siblings_step_s(family, pool, w, p, max_tokens) if verdict is None and live and not idle else 0.0
+            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices, idle,
+                                  shared) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
@@ -176,7 +184,9 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            pred, base = _predict(m, w, _tokens(prompt_tokens, m.name), max_tokens, live, devices=family.registry.devices)
+            p = _tokens(prompt_tokens, m.name)
+            shared = siblings_step_s(family, pool, w, p, max_tokens) if live else 0.0
+            pred, base = _predict(m, w, p, max_tokens, live, devices=family.registry.devices, shared_s=shared)
             out.append(Choice(m, w, pred, base, "best_effort", warning))
     return out
 

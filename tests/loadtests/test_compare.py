@@ -45,3 +45,16 @@ def test_budget_classes_come_from_the_members_routed_traffic_can_reach(tiny_fami
     assert fit["tight_latency"]["max_latency_ms"] > every["tight_latency"]["max_latency_ms"]
     rest = min((n for n in speed if n != fastest), key=speed.get)
     assert fit["tight_latency"]["max_latency_ms"] == float(f"{2.0 * speed[rest] * 1e3:.4g}")
+
+
+def test_the_report_says_how_far_served_requests_were_from_their_predicted_latency():
+    from loadtests.budgets import Outcome
+    from loadtests.report import markdown_table, summarize_group
+
+    def out(e2e, predicted, status=200):
+        return Outcome("gateway", "none", {}, "fam", True, True, 16, 0.0, status, e2e, predicted_latency_ms=predicted, member="m")
+
+    s = summarize_group([out(100, 100), out(300, 100), out(50, 100), out(80, None), out(900, 100, status=503)], 10.0)
+    # Only served requests that carried a prediction: 0.5, 1.0, 3.0.
+    assert s["e2e_over_predicted"]["n"] == 3 and s["e2e_over_predicted"]["p50"] == 1.0
+    assert "| 1.00/2.60 |" in markdown_table({"gateway": {"overall": s, "by_class": {"none": s}}})

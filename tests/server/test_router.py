@@ -284,3 +284,37 @@ def test_a_pinned_unfit_member_is_still_served_with_a_warning(family):
     # A fit member carries no warning, pinned or routed.
     assert route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p80").choices[0].warning is None
     assert all(c.warning is None for c in route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8).choices)
+
+
+def _shared_pool(members: list[str], url: str = "http://127.0.0.1:9500") -> Pool:
+    """One worker process serving several members (one URL), as `family serve` runs local members."""
+    pool = Pool([WorkerSpec(url=url, member=m, device_class="cpu") for m in members], None, GatewayMetrics())
+    for w in pool.workers:
+        w.healthy = True
+    return pool
+
+
+def test_a_busy_sibling_on_a_shared_worker_slows_every_step_of_a_member(family):
+    # Idle, p60 fits 100 ms (30 ms + 7 × 5 ms). With the parent running 2 requests on the same
+    # worker, each of p60's steps also waits for one of the parent's (40 ms): 30 + 40 + 7 × 45 ms.
+    pool = _shared_pool(["f-p100", "f-p60"])
+    assert _best(family, pool, {"max_latency_ms": 100}) == "f-p60"
+    parent, p60 = pool.workers
+    assert pool.siblings(p60) == [parent]
+    parent.running = 2
+    r = route(family, pool, Budget(max_latency_ms=100), prompt_tokens=10, max_tokens=8)
+    assert r.choices == [] and any(v.member == "f-p60" and v.constraint == "max_latency_ms" for v in r.refused)
+    [choice] = route(family, pool, Budget(max_latency_ms=500), prompt_tokens=10, max_tokens=8, pinned="f-p60").choices
+    assert choice.predicted.tpot_s == pytest.approx(0.045) and choice.predicted.ttft_s == pytest.approx(0.070)
+    assert choice.baseline.tpot_s == pytest.approx(0.045)  # the ratios the gateway learns correct what is left
+    # Idle admission (what would fit with no load) and the static table ignore siblings, as they ignore load.
+    assert route(family, pool, Budget(max_latency_ms=100), prompt_tokens=10, max_tokens=8, idle=True).choices
+    assert _best(family, pool, {"max_latency_ms": 100}, live=False) == "f-p60"
+
+
+def test_a_busy_member_on_another_worker_costs_nothing(family):
+    pool = _pool({"f-p100": 1, "f-p60": 1})
+    parent = pool.for_member("f-p100")[0]
+    parent.running = 2
+    assert pool.siblings(pool.for_member("f-p60")[0]) == []
+    assert _best(family, pool, {"max_latency_ms": 100}) == "f-p60"
