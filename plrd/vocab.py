@@ -39,6 +39,10 @@ def _bpe(tokenizer) -> dict:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"].get("type") != "BPE":
         raise FamilyError(f"vocabulary trimming needs a BPE tokenizer, got {spec['model'].get('type')!r}")
+    # Byte-level: one symbol per byte in every token's string, which is how a trimmed member's pieces
+    # are matched to the parent's tokens when it is scored (family/chat_eval.py).
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise FamilyError(f"vocabulary trimming needs a byte-level BPE (decoder ByteLevel), got {(spec.get('decoder') or {}).get('type')!r}")
     return spec
 
 

@@ -139,6 +139,12 @@ def test_refuses_what_would_not_be_the_parents_vocabulary(tiny):
     shuffled._tokenizer = Tokenizer.from_str(json.dumps(spec))
     with pytest.raises(FamilyError, match="not a closed vocabulary"):  # its first ids are not a closed vocabulary
         trim_tokenizer(shuffled, first_ids(len(tok) - 1))
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec["decoder"] = {"type": "BPEDecoder", "suffix": ""}  # not byte-level: token strings are not one symbol per byte
+    other = copy.deepcopy(tok)
+    other._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    with pytest.raises(FamilyError, match="byte-level BPE"):
+        trim_tokenizer(other, first_ids(len(tok) - 64))
 
 
 def test_the_parents_sequences_reencoded_say_the_same_text_in_kept_ids(tiny):
