@@ -86,20 +86,19 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
     return f"member {m.name} is unfit: {why}" if why else None
 
 
-def _predict(m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool, cached: int = 0,
-             devices: dict | None = None, idle: bool = False, shared_s: float = 0.0) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+def _predict(family: Family, pool: Pool, m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool,
+             cached: int = 0, idle: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
     skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts).
-    `shared_s`: what busy members sharing the worker add to each step (server.shared_worker)."""
+    Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker)."""
     concurrency = w.load() + 1 if live and not idle else 1
-    if cached and w.spec.prefix_caching:
-        prompt_tokens = max(1, prompt_tokens - cached)
-    base = predict_latency(m, w.spec.device_class, prompt_tokens, max_tokens, concurrency, devices)  # measured, else predicted
+    uncached = max(1, prompt_tokens - cached) if cached and w.spec.prefix_caching else prompt_tokens
+    base = predict_latency(m, w.spec.device_class, uncached, max_tokens, concurrency, family.registry.devices)  # measured, else predicted
     if base is None or not live:
         return base, base
-    if shared_s and not idle:
-        ttft, tpot = base.ttft_s + shared_s, base.tpot_s + shared_s
+    if not idle and (shared := siblings_step_s(family, pool, w, prompt_tokens, max_tokens)):
+        ttft, tpot = base.ttft_s + shared, base.tpot_s + shared
         base = LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
     ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
@@ -154,9 +153,8 @@ def route(
         best_verdict = None
         for w in workers:
             verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
-            shared = siblings_step_s(family, pool, w, p, max_tokens) if verdict is None and live and not idle else 0.0
-            pred, base = _predict(m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0), family.registry.devices, idle,
-                                  shared) if verdict is None else (None, None)
+            pred, base = _predict(family, pool, m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0),
+                                  idle) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
@@ -184,9 +182,7 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
-            p = _tokens(prompt_tokens, m.name)
-            shared = siblings_step_s(family, pool, w, p, max_tokens) if live else 0.0
-            pred, base = _predict(m, w, p, max_tokens, live, devices=family.registry.devices, shared_s=shared)
+            pred, base = _predict(family, pool, m, w, _tokens(prompt_tokens, m.name), max_tokens, live)
             out.append(Choice(m, w, pred, base, "best_effort", warning))
     return out
 
