@@ -250,7 +250,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
 
     # `neurons`: which of the parent's MLP neurons each neuron of `current` is (the refit's targets).
     current, current_tok, current_name, made, neurons = parent, tokenizer, parent_name(name), [], parent_neurons(parent)
-    data_tok, calib, heal_rows = None, None, None
+    data_tok, calib, heal_rows, vocab = None, None, None, None
     for target, member_dir, member_tok in zip(cfg.targets, member_dirs, member_toks):
         this = member_dir.name
         if is_complete(member_dir):
@@ -260,12 +260,12 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             made.append(member_dir)
             continue
         started, t0 = now_iso(), time.perf_counter()
-        vocab = None if member_tok is tokenizer else VocabMap.between(tokenizer, member_tok)
         if member_tok is not current_tok:  # a smaller vocabulary first: rows of the tied embedding, the kept tokens of `current`'s
             current = trim_model(copy.deepcopy(current), VocabMap.between(current_tok, member_tok).to_parent.tolist())
             current_tok = member_tok
-        if data_tok is not member_tok:
+        if data_tok is not member_tok:  # once per vocabulary: the data in its tokens, and how it sits in the parent's
             calib, heal_rows, data_tok = *data_in(member_tok), member_tok
+            vocab = None if member_tok is tokenizer else VocabMap.between(tokenizer, member_tok)
         # The vocabulary cut alone may reach the target: then nothing is pruned, refit or distilled.
         width = width_for(current, target, parent_params) if cfg.method == "width" else None
         cut = width is None or width < current.config.intermediate_size
