@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import family  # noqa: E402,F401  (registers the low-rank architecture)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import server.decoder as current  # noqa: E402
+import tables  # noqa: E402  (benchmarks/tables.py)
 from server.layout import plan_layout  # noqa: E402
 
 PROMPT = list(range(100, 140))
@@ -95,15 +95,13 @@ def main() -> None:
                             "same_tokens": tokens["base"] == tokens["new"]})
         print(json.dumps(row), flush=True)
     print(f"\nbase: server/decoder.py at {args.base}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print("| model | base ms/token | new ms/token | speed-up | base CPU ms | new CPU ms | CPU speed-up | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['base_ms']:.2f} | {r['new_ms']:.2f} | {r['speedup']:.3f} | {r['base_cpu_ms']:.2f} | {r['new_cpu_ms']:.2f} | "
-              f"{r['cpu_speedup']:.3f} | {r['same_tokens']} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print("command:", shlex.join(["python", *sys.argv]))
+    print(tables.markdown(rows, [
+        ("model", lambda r: r["model"]), ("base ms/token", lambda r: f"{r['base_ms']:.2f}"), ("new ms/token", lambda r: f"{r['new_ms']:.2f}"),
+        ("speed-up", lambda r: f"{r['speedup']:.3f}"), ("base CPU ms", lambda r: f"{r['base_cpu_ms']:.2f}"),
+        ("new CPU ms", lambda r: f"{r['new_cpu_ms']:.2f}"), ("CPU speed-up", lambda r: f"{r['cpu_speedup']:.3f}"),
+        ("same tokens", lambda r: r["same_tokens"])]))
+    tables.save_json(args.json, rows)
+    print("command:", tables.command())
 
 
 if __name__ == "__main__":

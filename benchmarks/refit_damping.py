@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from plrd.parent import load_parent
 from plrd.refit import sequential_refit
 from plrd.vocab import first_ids, most_used_vocabulary, reencode, trim_model, trim_tokenizer
 from plrd.width import parent_neurons, prune_width, refit_rows
+
+import tables  # benchmarks/tables.py
 
 
 def _floats(text: str, what: str, ap: argparse.ArgumentParser, kind=float) -> list:
@@ -100,15 +100,13 @@ def main() -> None:
             sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), damping=damping, vocab=vocab)
             measure(width, f"refit δ={damping:g}", member, time.perf_counter() - t0)
 
-    print(f"\n{shlex.join(['python', *sys.argv])}")
-    print("| vocab | MLP width | params | step | chat agree | chat KL | degenerate | ppl / parent | refit s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['vocab']} | {r['width']} | {r['params']:.3f} | {r['step']} | {r['chat_agreement']:.3f} | {r['chat_kl']:.3f} "
-              f"| {r['degenerate']}/{r['prompts']} | {r['ppl_ratio']:.2f} | {r['seconds']} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"command": shlex.join(["python", *sys.argv]), "rows": results}, indent=2) + "\n")
+    print(f"\n{tables.command()}")
+    print(tables.markdown(results, [
+        ("vocab", lambda r: r["vocab"]), ("MLP width", lambda r: r["width"]), ("params", lambda r: f"{r['params']:.3f}"),
+        ("step", lambda r: r["step"]), ("chat agree", lambda r: f"{r['chat_agreement']:.3f}"), ("chat KL", lambda r: f"{r['chat_kl']:.3f}"),
+        ("degenerate", lambda r: f"{r['degenerate']}/{r['prompts']}"), ("ppl / parent", lambda r: f"{r['ppl_ratio']:.2f}"),
+        ("refit s", lambda r: r["seconds"])]))
+    tables.save_json(args.json, {"command": tables.command(), "rows": results}, indent=2)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -41,6 +39,8 @@ from plrd.parent import load_parent
 from family.vocab_map import VocabMap
 from plrd.corpus import CorpusConfig, make_corpus
 from plrd.vocab import choose_vocabulary, first_ids, token_usage, trim_model, trim_tokenizer
+
+import tables  # benchmarks/tables.py
 
 
 def main() -> None:
@@ -101,15 +101,13 @@ def main() -> None:
                 "ppl_per_char_ratio": round(math.exp(nll - parent_nll), 3), "tokens_ratio": round(n / parent_tokens, 4),
                 "first_answer": c.answers[0][:80]})
             print(json.dumps(row), flush=True)
-    print("| model | vocab | kept | params × parent | chat agreement | chat KL | degenerate | ppl/char × parent | tokens × |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['vocab']} | {r['select']} | {r['params_fraction']:.3f} | {r['chat_agreement']:.3f} | {r['chat_kl']:.3f} | "
-              f"{r['degenerate']} | {r['ppl_per_char_ratio']:.2f} | {r['tokens_ratio']:.3f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print("command:", shlex.join(["python", *sys.argv]))
+    print(tables.markdown(rows, [
+        ("model", lambda r: r["model"]), ("vocab", lambda r: r["vocab"]), ("kept", lambda r: r["select"]),
+        ("params × parent", lambda r: f"{r['params_fraction']:.3f}"), ("chat agreement", lambda r: f"{r['chat_agreement']:.3f}"),
+        ("chat KL", lambda r: f"{r['chat_kl']:.3f}"), ("degenerate", lambda r: r["degenerate"]),
+        ("ppl/char × parent", lambda r: f"{r['ppl_per_char_ratio']:.2f}"), ("tokens ×", lambda r: f"{r['tokens_ratio']:.3f}")]))
+    tables.save_json(args.json, rows)
+    print("command:", tables.command())
 
 
 if __name__ == "__main__":
