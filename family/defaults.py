@@ -43,11 +43,11 @@ CALIB_SEQUENCES = 64
 ALLOCATION = "sensitivity"
 # How members are cut (plrd/build.py METHODS): MLP width pruning (plrd/width.py) beat sensitivity-allocated
 # whitened SVD at every size of the default family, same refit and distillation (chat agreement
-# 0.678 / 0.602 / 0.516 against 0.649 / 0.562 / 0.434 at 0.9 / 0.8 / 0.7; README, "Width pruning").
+# 0.678 / 0.602 / 0.516 against 0.649 / 0.562 / 0.434 at 0.9 / 0.8 / 0.7; docs/results/faithfulness.md, "Width pruning").
 METHOD = "width"
 # The family's vocabulary (plrd/vocab.py): every member keeps the N tokens the parent uses most on its
 # own corpus (closed under BPE merges), rows of the tied embedding / LM head, nothing else. The size was chosen by measured cost per parameter removed
-# (benchmarks/vocab_trim.py, README "Vocabulary trimming"): down to half of SmolLM2's 49,152 tokens the
+# (benchmarks/vocab_trim.py, docs/results/faithfulness.md, "Vocabulary trimming"): down to half of SmolLM2's 49,152 tokens the
 # vocabulary costs the parent's chat agreement about a third of what MLP width costs per parameter;
 # below that it costs more than width does, so the members below p90 are cut in width.
 VOCAB_SIZE = 24_576

@@ -77,7 +77,7 @@ def start_order(arms: list[str], sessions: int) -> list[tuple[int, str]]:
     """(session, arm) in the order the conversations start: interleaved, and the arm that starts first
     alternates per session (on, off, off, on, ...). Each gateway places its own requests, so two first
     turns often share a worker and the one that arrives first is prefilled first: always starting one
-    arm first gave it a head start that looked like a 1.8-2.5× TTFT gain on vLLM-CPU (README)."""
+    arm first gave it a head start that looked like a 1.8-2.5× TTFT gain on vLLM-CPU (docs/results/reliability.md)."""
     return [(k, arm) for k in range(sessions) for arm in (arms if k % 2 == 0 else arms[::-1])]
 
 

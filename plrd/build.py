@@ -7,7 +7,7 @@ Each member is cut from the previous (healed) one, as in the PLRD paper. How it 
 refit, layer by layer, to the *parent's* outputs (plrd/refit.py), and healing distils from the parent
 too, so errors do not compound down the family: every member is anchored to the parent. With
 `on_policy.tokens > 0` healing is followed by distillation on the member's own answers to the seed
-prompts (plrd/onpolicy.py; off by default: at the budgets measured here it did not pay, README).
+prompts (plrd/onpolicy.py; off by default: at the budgets measured here it did not pay, docs/results/faithfulness.md).
 
 The data is the parent's own (`calib="parent"`, plrd/corpus.py): its answers to the shipped chat
 prompts and its continuations of the shipped text openers, made once and cached under the runs
@@ -285,7 +285,7 @@ def build_family(cfg: BuildConfig, progress: bool = True) -> list[Path]:
             refit_s = round(time.perf_counter() - t_refit, 1)
         heal_result = None
         # A member cut only in its vocabulary is the parent's own logits on the kept tokens: distilling
-        # it made it less faithful (agreement 0.960 → 0.927 and a loop the parent does not have; README).
+        # it made it less faithful (agreement 0.960 → 0.927 and a loop the parent does not have; docs/results/faithfulness.md).
         if cfg.heal.tokens > 0 and cut:
             teacher = parent if cfg.heal.distill_weight > 0 or cfg.heal.hidden_weight > 0 else None
             heal_result = heal(member, heal_rows, cfg.heal, teacher=teacher, progress=progress, vocab=vocab)

@@ -23,7 +23,7 @@ MLP width 1458, held-out chat: agreement 0.808 pruned, 0.731 refit towards zero,
 Towards M₀ a projection whose inputs are the parent's is left exactly as it is, and a larger δ pays:
 at width 1290, δ = 1e-3 / 1e-2 / 0.1 / 0.3 / 1 gave agreement 0.677 / 0.680 / 0.691 / 0.699 / 0.688,
 at width 1031, 1e-2 / 0.1 / 0.3 gave 0.576 / 0.588 / 0.592 (KL 0.967 / 0.930 / 0.936): δ = 0.1.
-Low-rank members were measured with the old damping only (README, "PLRD recipes").
+Low-rank members were measured with the old damping only (docs/results/faithfulness.md, "PLRD recipes").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Vocabulary trimming: a member that keeps the tokens its parent uses most, in the parent's byte-level BPE.
 
 Why: the tied embedding / LM head is a fifth of SmolLM2-135M's parameters, and low rank is the worst
-place to cut it (README, "Where low rank costs least"). A BPE token is made by one merge of two
+place to cut it (docs/results/faithfulness.md, "Where low rank costs least"). A BPE token is made by one merge of two
 earlier tokens, so a set of tokens that holds both parts of each of its merges (and every base
 token) is a vocabulary the parent's tokenizer can still work in: the same merges, fewer of them. A
 model keeping such a set is a row selection of the embedding, nothing else changes, and on every
@@ -12,7 +12,7 @@ Which tokens: those the parent itself puts most probability on over its own corp
 its expected token counts, which cover tokens a 71k-token sample never shows), each with the parts
 its merges need (`choose_vocabulary`). The BPE's first N ids (its first merges, the tokenizer
 trained with fewer merges, `first_ids`) are the other choice: they follow the frequencies of the
-tokenizer's own training data, code and all, and lose more of the parent's chat (README, "Vocabulary
+tokenizer's own training data, code and all, and lose more of the parent's chat (docs/results/faithfulness.md, "Vocabulary
 trimming").
 
 Kept tokens are renumbered 0..size-1 in the parent's id order, so the special tokens keep their ids;

@@ -21,7 +21,7 @@ def vllm_command(member_dir: Path, name: str, port: int, *, host: str = "127.0.0
                  dtype: str = "float32", eager: bool = False, extra: list[str] | None = None) -> list[str]:
     """vLLM's OpenAI server for one member. Compiled unless `eager`: on the 2-core AVX-512 machine compiled
     decoded 1.12-1.16× faster at c=1 and 1.03-1.07× at c=16, and took about 60 s to start against 19
-    (README, "Engine speed of the default family on the AVX-512 machine")."""
+    (docs/results/engine-speed.md, "Engine speed of the default family on the AVX-512 machine")."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(member_dir), "--served-model-name", name, "--host", host, "--port", str(port),
