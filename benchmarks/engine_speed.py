@@ -4,7 +4,8 @@
         --engines torch,vllm --concurrency 1,16 --json runs/bench/engine_speed.json
 
 Every model is served by a real worker process (`family worker ARGS`) on a free loopback port and
-driven over HTTP with streaming completions (`ignore_eos`, temperature 0, a short prompt), so every
+driven over HTTP with streaming completions (`ignore_eos`, a short prompt; greedy unless --temperature
+and --top-p say how to sample, as chat clients do), so every
 request decodes exactly --max-tokens tokens. Reported per (engine, model, concurrency): tokens/s = all
 generated tokens / wall time of a batch of `c` concurrent requests (median of --repeats batches; at
 c=1 this is one stream's decode speed), TPOT at c=1; the speed-up over the parent on the same engine,
@@ -145,8 +146,9 @@ def start_worker(engine_args: list[str], model_dir: Path, name: str, port: int, 
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def one_request(url: str, name: str, max_tokens: int) -> dict:
-    body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+def one_request(url: str, name: str, max_tokens: int, sampling: dict | None = None) -> dict:
+    """One streamed completion; `sampling`: the request's temperature and top_p (greedy without it)."""
+    body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, **(sampling or {}), "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -164,12 +166,12 @@ def one_request(url: str, name: str, max_tokens: int) -> dict:
     return {"start": t0, "first": first, "end": time.perf_counter(), "tokens": tokens}
 
 
-def measure(url: str, name: str, concurrency: int, max_tokens: int, repeats: int) -> dict:
+def measure(url: str, name: str, concurrency: int, max_tokens: int, repeats: int, sampling: dict | None = None) -> dict:
     rates, ttfts, tpots = [], [], []
     with cf.ThreadPoolExecutor(concurrency) as pool:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            results = list(pool.map(lambda _: one_request(url, name, max_tokens), range(concurrency)))
+            results = list(pool.map(lambda _: one_request(url, name, max_tokens, sampling), range(concurrency)))
             wall = time.perf_counter() - t0
             assert all(r["tokens"] == max_tokens for r in results), [r["tokens"] for r in results]
             rates.append(sum(r["tokens"] for r in results) / wall)
@@ -204,7 +206,7 @@ def bench_engine(label: str, engine_args: list[str], models: list[tuple[str, Pat
                 if time.monotonic() - start > args.engine_budget_s:
                     out[name][str(c)] = {"skipped": f"engine budget of {args.engine_budget_s:.0f} s spent"}
                     continue
-                out[name][str(c)] = measure(url, name, c, args.max_tokens, args.repeats)
+                out[name][str(c)] = measure(url, name, c, args.max_tokens, args.repeats, args.sampling)
                 print(f"  {label:10s} {name:24s} c={c:<3d} {out[name][str(c)]['tokens_per_s']:8.1f} tok/s", flush=True)
                 save()
         except Exception as exc:  # a worker that does not start or fails: recorded, the table goes on
@@ -285,6 +287,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0: nucleus sampling")
     ap.add_argument("--bandwidth-repeats", type=int, default=defaults.BANDWIDTH_REPEATS)
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a worker may take to answer /health")
     ap.add_argument("--engine-budget-s", type=float, default=float("inf"), help="stop measuring an engine after this long")
@@ -292,6 +296,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=defaults.RUNS_DIR / "bench" / "engine_speed.json")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.sampling = {"temperature": args.temperature, "top_p": args.top_p}
     engines = engine_specs(args.engines)
     command = shlex.join(["python", *sys.argv])
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +327,7 @@ def main() -> None:
           + f"); the parent's roofline at c=1, float32: {bw.bytes_per_s / (params[parent] * 4):.1f} tok/s", flush=True)
 
     results: dict = {}
-    header = (f"Decode tokens/s, {args.max_tokens} tokens per request (ignore_eos), median of {args.repeats} batches, "
+    header = (f"Decode tokens/s, {args.max_tokens} tokens per request (ignore_eos, temperature {args.temperature}, top_p {args.top_p}), median of {args.repeats} batches, "
               f"{platform.machine()} CPU with {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}; memory bandwidth "
               f"{bw.bytes_per_s / 1e9:.1f} GB/s (best {bw.kernel} read of {bw.buffer_bytes / 1e9:.2f} GB, best of {bw.repeats}).\n\n`{command}`\n")
 
@@ -330,7 +335,7 @@ def main() -> None:
         md = table(results, models, parent, params, args.concurrency, labels, engines, bw.bytes_per_s, kv_bytes, context)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "command": command, "max_tokens": args.max_tokens, "repeats": args.repeats, "concurrency": args.concurrency,
+            "command": command, "max_tokens": args.max_tokens, "sampling": args.sampling, "repeats": args.repeats, "concurrency": args.concurrency,
             "engines": engines, "default_engine": DEFAULT_ENGINE, "parameters": params,
             "bandwidth": {"bytes_per_s": bw.bytes_per_s, "buffer_bytes": bw.buffer_bytes, "kernel": bw.kernel, "repeats": bw.repeats,
                           "threads": bw.threads, "per_kernel": bw.per_kernel, "best_s": bw.best_s},

@@ -36,6 +36,7 @@ import family  # noqa: F401  (registers the low-rank architecture)
 from family import defaults
 from server.decoder import StaticDecoder
 from server.layout import DTYPES, Layout, plan_layout
+from server.sampling import sample
 
 log = logging.getLogger("server.engine_torch")
 
@@ -257,7 +258,8 @@ class TorchEngine:
         done = []
         for i, slot in enumerate(slots):
             r = m.rows[slot]
-            tok = _sample(logits[i], r)
+            tok = sample(logits[i], temperature=r.temperature, top_p=r.top_p, generator=r.generator, counts=r.counts,
+                         frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty)
             r.counts[tok] = r.counts.get(tok, 0) + 1
             self._observe(m, "ttft" if first else "itl", now - (r.arrived if first else r.last_token_at))
             r.last_token_at = now
@@ -313,19 +315,3 @@ class TorchEngine:
         if self.observer is not None:
             self.observer(m.name, what, value)
 
-
-def _sample(logits: torch.Tensor, r: GenRequest) -> int:
-    if (r.frequency_penalty or r.presence_penalty) and r.counts:
-        seen = torch.tensor(list(r.counts), dtype=torch.long)
-        times = torch.tensor(list(r.counts.values()), dtype=logits.dtype)
-        logits = logits.clone()
-        logits[seen] -= r.frequency_penalty * times + r.presence_penalty
-    if r.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / r.temperature, dim=-1)
-    if r.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=r.generator))
