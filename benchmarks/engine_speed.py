@@ -296,6 +296,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=defaults.RUNS_DIR / "bench" / "engine_speed.json")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     args.sampling = {"temperature": args.temperature, "top_p": args.top_p}
     engines = engine_specs(args.engines)
     command = shlex.join(["python", *sys.argv])

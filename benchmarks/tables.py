@@ -26,4 +26,4 @@ def save_json(path: str | Path | None, payload, indent: int = 1) -> None:
     """`payload` as JSON at `path` (its folder made), when a path is given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=indent) + ("\n" if indent > 1 else ""))
+        Path(path).write_text(json.dumps(payload, indent=indent) + "\n")
