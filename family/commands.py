@@ -68,14 +68,19 @@ def eval_cmd(
     min_chat_agreement: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="set the family's fitness floor: members below it are unfit (never routed to)"),
     lm_eval_tasks: str = typer.Option("", help="comma-separated lm-eval tasks (boolq,winogrande,...) where lm-eval is installed"),
     skip_measured: bool = typer.Option(False, help="skip members already measured on the same data and windows (resume)"),
+    dtype: str = typer.Option("float32", help="run the members at float32, bfloat16 or float16 (the dtype a worker serves them at; "
+                                             "the parent they are compared with always runs at float32)"),
 ) -> None:
     """Faithfulness to the parent, stored in the registry: on held-out chat prompts, chat agreement
     (teacher-forced top-1 on the parent's greedy answers), KL and degenerate answers; on held-out
     plain text, perplexity, top-1 agreement and KL.
 
-    The parent answers each chat prompt once (greedy); each member is then scored against those
-    answers and its own greedy answers are checked (saved in FAMILY/eval/answers-MEMBER.json). The
-    registry is saved after each member, so an interrupted run loses nothing already measured.
+    The parent answers each chat prompt once (greedy, float32); each member is then scored against
+    those answers and its own greedy answers are checked (saved in FAMILY/eval/answers-MEMBER.json,
+    answers-MEMBER-DTYPE.json below float32). At `--dtype bfloat16` every member runs at bfloat16, the
+    parent included (rounding makes it differ from itself at float32), and the records say so: the
+    router reads each member's figures at the dtype its worker serves it at. The registry is saved
+    after each member, so an interrupted run loses nothing already measured.
     """
     import json
 
@@ -91,6 +96,8 @@ def eval_cmd(
     from family.storage import atomic_write_text, sha256_file
     from plrd.data import read_source, tokenize
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     fam = load_family(family_dir)
     names = _selected(fam, member)
     parent_name = fam.registry.parent
@@ -112,28 +119,29 @@ def eval_cmd(
 
     def measured(n: str) -> bool:
         rec = fam.registry.member(n)
-        return (any(r.metric == "perplexity" and r.data_sha256 == data_sha256 and r.tokens == tokens for r in rec.accuracy)
-                and any(r.metric == "chat_agreement" and r.data_sha256 == prompts_sha256 for r in rec.accuracy))
+        here = [r for r in rec.accuracy if r.dtype == dtype]
+        return (any(r.metric == "perplexity" and r.data_sha256 == data_sha256 and r.tokens == tokens for r in here)
+                and any(r.metric == "chat_agreement" and r.data_sha256 == prompts_sha256 for r in here))
 
     todo = [n for n in names if not (skip_measured and measured(n))]
     for n in sorted(set(names) - set(todo)):
         typer.echo(f"{n}: already measured on {source.spec} and {chat_prompts}, skipped")
-    load = lambda n: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=torch.float32).eval()  # noqa: E731
-    parent = load(parent_name) if todo else None
+    load = lambda n, dt=dtype: AutoModelForCausalLM.from_pretrained(fam.member_dir(n), dtype=getattr(torch, dt)).eval()  # noqa: E731
+    parent = load(parent_name, "float32") if todo else None
     ref = chat_eval.reference(parent, tok, prompts, max_new_tokens=answer_tokens) if todo else None
     parent_degenerate = [degenerate_reason(tok.decode(a, skip_special_tokens=True)) is not None for a in ref.answers] if todo else []
     out_dir = Path(family_dir) / "eval"
     # The parent first (one forward pass per window), then each member against it.
     for n in sorted(todo, key=lambda n: n != parent_name):
-        model = parent if n == parent_name else load(n)
+        model = parent if n == parent_name and dtype == "float32" else load(n)
         own = tok if model is parent else AutoTokenizer.from_pretrained(fam.member_dir(n))
         if model.config.vocab_size < parent.config.vocab_size:  # a trimmed vocabulary (plrd/vocab.py): in its own tokens
             s = perplexity_in_parent_tokens(model, own, tok, rows)
         else:
             s = evaluate({n: model}, parent, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)[n]
         c = chat_eval.score_member(model, parent, tok, own, ref, name=n)
-        text = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd)
-        chat = dict(data=str(chat_prompts), data_sha256=prompts_sha256, command=cmd)
+        text = dict(data=source.spec, data_sha256=data_sha256, tokens=s.tokens, command=cmd, dtype=dtype)
+        chat = dict(data=str(chat_prompts), data_sha256=prompts_sha256, command=cmd, dtype=dtype)
         # Saved after each member (an interrupted eval loses nothing already measured), merged under a
         # lock with whatever another eval or profile of this family saved meanwhile.
         fam.record(n, accuracy=[
@@ -147,13 +155,15 @@ def eval_cmd(
                AccuracyRecord(metric="mean_kl", value=s.mean_kl, reference=parent_name, **text)] if s.top1_agreement is not None else []),
         ])
         answers = [{"prompt": p, "answer": a, "degenerate": r} for p, a, r in zip(prompts, c.answers, c.reasons)]
-        atomic_write_text(out_dir / f"answers-{n}.json", json.dumps({"member": n, "command": cmd, "answers": answers}, indent=2) + "\n")
-        typer.echo(f"{n}: chat agreement {c.agreement:.3f}, chat KL {c.kl:.3f}, degenerate {c.degenerate_share:.0%} "
+        suffix = "" if dtype == "float32" else f"-{dtype}"
+        atomic_write_text(out_dir / f"answers-{n}{suffix}.json",
+                          json.dumps({"member": n, "dtype": dtype, "command": cmd, "answers": answers}, indent=2) + "\n")
+        typer.echo(f"{n}{'' if dtype == 'float32' else ' at ' + dtype}: chat agreement {c.agreement:.3f}, chat KL {c.kl:.3f}, degenerate {c.degenerate_share:.0%} "
                    f"of {len(prompts)} answers; perplexity {s.perplexity:.2f} ({s.tokens} tokens); "
                    f"first answer: {c.answers[0][:80]!r}")
         if model is not parent:
             del model
-    for n, why in load_family(family_dir).unfit.items():
+    for n, why in load_family(family_dir).unfit_at(dtype).items():
         typer.echo(f"{n}: unfit for routed traffic: {why}", err=True)
     if lm_eval_tasks:
         _lm_eval(fam, names, lm_eval_tasks, cmd)
@@ -204,7 +214,8 @@ def profile(
     prompt_tokens: str = typer.Option("32,256", help="prompt lengths (tokens)"),
     output_tokens: str = typer.Option("32", help="output lengths (tokens)"),
     rounds: int = typer.Option(2, min=1, help="bursts per request shape"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("float32", help="the workers' serving dtype (float32, bfloat16 or float16; the router reads each member's "
+                                             "accuracy at it: run `family eval --dtype` at the same dtype)"),
     endpoint: str = typer.Option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions)"),
     ready_timeout: float = typer.Option(900.0, help="seconds to wait for the worker's /health"),
     threads: int = typer.Option(0, help="torch engine: worker CPU threads (0 = as `family serve` runs its one "
@@ -238,6 +249,8 @@ def profile(
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
     if endpoint not in ("chat", "completions"):
         raise FamilyError(f"--endpoint must be chat or completions, got {endpoint!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):  # a profile is recorded at one known dtype (routing reads accuracy there)
+        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     shapes = [Shape(p, o, c) for c in _ints(concurrency, "--concurrency") for p in _ints(prompt_tokens, "--prompt-tokens")
               for o in _ints(output_tokens, "--output-tokens")]
     if len(shapes) < 2:
@@ -261,7 +274,8 @@ def profile(
                    f"{dtype}; the parent's roofline {roofline_tok_s(device.bandwidth_bytes_s, parent_rec.weight_bytes(dtype)):.1f} tok/s")
     shared_by = runtime_shared_by or len(fam.servable)
     typer.echo(f"measuring serving memory of {len(names)} member(s) in a fresh process (runtime, weights, KV per token)")
-    probe = measure_memory([fam.member_dir(n) for n in names], dtype, n_threads)
+    kv_dtype = defaults.TORCH_KV_DTYPE if engine == "torch" else None  # vLLM caches at the model's dtype
+    probe = measure_memory([fam.member_dir(n) for n in names], dtype, n_threads, kv_dtype=kv_dtype)
     for n in names:
         tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
         text_ids = tokenize(tok, text).tolist()
@@ -272,7 +286,8 @@ def profile(
             peak = worker.peak_rss
             serving = worker.serving(n)
         mine = probe.members[str(fam.member_dir(n))]
-        memory = MemoryBreakdown(dtype=dtype, weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
+        memory = MemoryBreakdown(dtype=dtype, kv_dtype=probe.kv_dtype if probe.kv_dtype != dtype else None,
+                                 weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
                                  kv_batch=kv_batch, kv_context=kv_context, runtime_bytes=probe.runtime_bytes,
                                  runtime_shared_by=shared_by, worker_peak_rss_bytes=peak)
         coef = latency.fit(samples)
@@ -300,12 +315,16 @@ def _relative_ppl(member, parent) -> float | None:
     return mine.value / same[-1].value if same and same[-1].value else None
 
 
-def _degenerate(member) -> str:
+def _degenerate(member, dtype: str = "float32") -> str:
     """The share of degenerate chat answers, and in brackets the share where the parent's answer is not degenerate."""
-    raw, beyond = member.metric("degenerate_answers"), member.metric("degenerate_beyond_parent")
+    raw, beyond = member.metric("degenerate_answers", dtype), member.metric("degenerate_beyond_parent", dtype)
     if raw is None:
         return "-"
-    return f"{raw:.0%}" + (f" ({beyond:.0%})" if beyond is not None and not member.is_parent else "")
+    return f"{raw:.0%}" + (f" ({beyond:.0%})" if beyond is not None and not (member.is_parent and dtype == "float32") else "")
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def _c1_figures(prof, prompt_tokens: int = 32) -> tuple[float | None, float | None]:
@@ -347,15 +366,18 @@ def show(
     classes = sorted({dc for m in fam.registry.members for dc in m.latency} | set(devices) | set(device_class or []))
     table = Table(title=f"family {fam.registry.name} ({Path(family_dir) / defaults.REGISTRY_FILE})",
                   caption="chat agree: top-1 agreement with the parent's greedy answers on held-out chat prompts (what min_accuracy "
-                          "filters on); chat KL: KL(parent‖member) on those answers, nats/token; degenerate: share of held-out chat "
+                          "filters on; chat agree bf16: the same, the member run at bfloat16, what a bfloat16 worker is routed on); chat KL: KL(parent‖member) on those answers, nats/token; degenerate: share of held-out chat "
                           "answers that are degenerate (in brackets: where the parent's answer is not); vocab: tokens the member can say (trimmed members are scored in their own tokens); "
                           "ppl: held-out text perplexity, per parent token; ppl/parent: over the parent's on the same text; "
                           f"unfit (never routed to): degenerate where the parent is not > {policy.max_degenerate:.0%} or chat agree < {policy.min_chat_agreement:g}; "
                           "TTFT: shortest prompt at concurrency 1; tok/s: 1/TPOT at concurrency 1; mem GB: the member's own need, "
                           "weights + KV cache (what max_memory_gb compares; the runtime is shared, see below); "
                           "~ = predicted from the device's bandwidth and the member's bytes, never measured")
-    for col in ("member", "params (M)", "vocab", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent"):
-        table.add_column(col, justify="right" if col != "member" else "left")
+    # Below float32 (`family eval --dtype bfloat16`): what the router reads for a worker serving at that dtype.
+    low = sorted({r.dtype for m in fam.registry.members for r in m.accuracy if r.dtype != "float32"})
+    for col in ("member", "params (M)", "vocab", "GB fp32", "GB bf16", "chat agree", "chat KL", "degenerate", "ppl", "ppl/parent",
+                *(f"{c} {_short(dt)}" for dt in low for c in ("chat agree", "degenerate"))):
+        table.add_column(col, justify="right" if col != "member" else "left", no_wrap=col == "member")
     for dc in classes:
         table.add_column(f"TTFT ms {dc}", justify="right")
         table.add_column(f"tok/s {dc}", justify="right")
@@ -369,6 +391,8 @@ def show(
         row = [m.name, f"{m.parameters / 1e6:.1f}", fmt(m.vocab_size, "d"), f"{m.bytes['float32'] / 1e9:.3f}", f"{m.bytes['bfloat16'] / 1e9:.3f}",
                fmt(m.quality, ".3f"), fmt(m.metric("chat_kl"), ".4f"), _degenerate(m),
                fmt(m.metric("perplexity"), ".2f"), fmt(_relative_ppl(m, parent), ".2f")]
+        for dt in low:
+            row += [fmt(m.quality_at(dt), ".3f"), _degenerate(m, dt)]
         for dc in classes:
             prof = m.profile(dc, devices)
             mark = "~" if prof is not None and prof.basis == "predicted" else ""
@@ -379,7 +403,12 @@ def show(
         if m.name in fam.problems:
             row.append(f"problem: {fam.problems[m.name]}")
         else:
-            row.append(f"unfit: {unfit[m.name]}" if m.name in unfit else "ok")
+            status = [f"unfit: {unfit[m.name]}" if m.name in unfit else "ok"]
+            for dt in low:  # where the verdict at a lower dtype differs from float32's
+                why = m.unfit_reason(policy, dt)
+                if bool(why) != (m.name in unfit):
+                    status.append(f"{_short(dt)}: unfit: {why}" if why else f"{_short(dt)}: ok")
+            row.append("; ".join(status))
         table.add_row(*row)
     console = Console(width=200)
     console.print(table)
@@ -402,7 +431,7 @@ def show(
             mark = "~" if mem.basis == "predicted" else ""
             runtime = f"{mem.runtime_bytes / 1e9:.2f} (/{mem.runtime_shared_by})" if mem.runtime_bytes else "-"
             ratio = fmt(mem.member_bytes / parent_mem.member_bytes if parent_mem else None, ".3f", mark)
-            memory.add_row(m.name, dc, mem.dtype, f"{mark}{mem.weights_bytes / 1e9:.3f}", f"{mark}{mem.kv_cache_bytes / 1e9:.3f}",
+            memory.add_row(m.name, dc, mem.dtype + (f" (KV {mem.kv_dtype})" if mem.kv_dtype else ""), f"{mark}{mem.weights_bytes / 1e9:.3f}", f"{mark}{mem.kv_cache_bytes / 1e9:.3f}",
                            f"{mem.kv_batch}x{mem.kv_context}", f"{mark}{mem.member_bytes / 1e9:.3f}", runtime,
                            f"{mark}{mem.serving_bytes / 1e9:.3f}", fmt(mem.worker_peak_rss_bytes / 1e9 if mem.worker_peak_rss_bytes else None, ".2f"),
                            f"{m.parameters / parent.parameters:.3f}" if parent else "-", ratio)

@@ -9,7 +9,8 @@ process and takes, in order:
 - runtime: RSS once the worker's stack is imported and torch's thread pool has run a matmul;
 - weights: the loaded model's tensors at the serving dtype (unique storages, so tied embeddings count
   once), as the engine holds them;
-- KV cache per token: the keys and values a real forward pass caches, over the tokens it ran.
+- KV cache per token: the keys and values a real forward pass caches, over the tokens it ran, at the
+  engine's cache dtype (`kv_dtype`: the torch engine caches float32 whatever its weights' dtype).
 
 `measure_memory` runs it in a fresh process for several members (the runtime is measured once,
 before any is loaded); `python -m family.memory --member-dir D [--member-dir E ...]` prints the JSON.
@@ -41,6 +42,7 @@ class MemoryProbe:
     runtime_bytes: int
     dtype: str
     members: dict[str, MemberMemory]  # by member folder, as given
+    kv_dtype: str = ""  # the KV cache's dtype ("" = dtype)
 
 
 def _rss() -> int:
@@ -58,9 +60,10 @@ def _cache_tensors(cache) -> list:
     return [t for pair in cache for t in pair]
 
 
-def probe(member_dirs: list[Path], dtype: str = "float32", threads: int | None = None) -> MemoryProbe:
+def probe(member_dirs: list[Path], dtype: str = "float32", threads: int | None = None, kv_dtype: str | None = None) -> MemoryProbe:
     """Measure in this process: the runtime once (call it in a fresh process: the figure is this
-    process's RSS so far), then each member in turn, loaded, weighed and dropped."""
+    process's RSS so far), then each member in turn, loaded, weighed and dropped. The cache's values
+    are counted at `kv_dtype` (default: `dtype`), as the engine stores them."""
     import fastapi  # noqa: F401  the worker's HTTP stack is part of its runtime
     import torch
     import transformers
@@ -84,23 +87,25 @@ def probe(member_dirs: list[Path], dtype: str = "float32", threads: int | None =
         ids = torch.arange(PROBE_TOKENS, dtype=torch.long).unsqueeze(0) % model.config.vocab_size
         with torch.no_grad():
             cache = model(input_ids=ids, use_cache=True).past_key_values
-        kv = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+        per_value = torch.empty(0, dtype=getattr(torch, kv_dtype or dtype)).element_size()
+        kv = sum(t.numel() * per_value for t in _cache_tensors(cache))
         members[str(member_dir)] = MemberMemory(weights_bytes=sum(storages.values()), weights_rss_bytes=weights_rss,
                                                 kv_bytes_per_token=kv // PROBE_TOKENS)
         del model, cache
-    return MemoryProbe(runtime_bytes=runtime, dtype=dtype, members=members)
+    return MemoryProbe(runtime_bytes=runtime, dtype=dtype, members=members, kv_dtype=kv_dtype or dtype)
 
 
-def measure_memory(member_dirs: list[Path], dtype: str = "float32", threads: int | None = None, timeout: float = 900.0) -> MemoryProbe:
+def measure_memory(member_dirs: list[Path], dtype: str = "float32", threads: int | None = None, timeout: float = 900.0,
+                   kv_dtype: str | None = None) -> MemoryProbe:
     """`probe` in a fresh Python process, so that nothing this process loaded counts as runtime."""
     cmd = [sys.executable, "-m", "family.memory", "--dtype", dtype, *(["--threads", str(threads)] if threads else []),
-           *[a for d in member_dirs for a in ("--member-dir", str(d))]]
+           *(["--kv-dtype", kv_dtype] if kv_dtype else []), *[a for d in member_dirs for a in ("--member-dir", str(d))]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise FamilyError(f"memory probe of {', '.join(map(str, member_dirs))} failed: {tail}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return MemoryProbe(runtime_bytes=out["runtime_bytes"], dtype=out["dtype"],
+    return MemoryProbe(runtime_bytes=out["runtime_bytes"], dtype=out["dtype"], kv_dtype=out["kv_dtype"],
                        members={k: MemberMemory(**v) for k, v in out["members"].items()})
 
 
@@ -108,9 +113,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--member-dir", type=Path, action="append", required=True, help="repeat for several members")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="the KV cache's (default: --dtype)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    print(json.dumps(asdict(probe(args.member_dir, args.dtype, args.threads or None))))
+    print(json.dumps(asdict(probe(args.member_dir, args.dtype, args.threads or None, args.kv_dtype))))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ mtime; full: sha256) and a member that fails is reported by name and never offer
 What the gateway and the tools code against:
 - `load_family(root, verify=...) -> Family` (`.registry`, `.problems`, `.servable`, `.member_dir(name)`),
   `read_registry`, `save_registry`, `sync_family`, `member_name`, `parent_name`;
-- `MemberRecord.quality` (chat agreement with the parent; the parent is 1.0), `.metric("perplexity")`,
+- `MemberRecord.quality_at(dtype)` (chat agreement with the float32 parent, measured at the dtype the
+  member is served at, `.serving_dtype(device_class)`; the float32 parent is 1.0), `.metric("perplexity")`,
+  `rank_key(record, dtype)` (best first),
   `memory_bytes(record, device_class, dtype)` (weights + KV cache: the member's own need),
   `MemberRecord.profile(device_class, devices)` (measured, else `basis: predicted` from the device's
   bandwidth, family/devices.py), `members_fitting(family, device_class=..., ...)`;
@@ -68,6 +70,8 @@ class AccuracyRecord(_Model):
     data_sha256: str | None = None
     tokens: int | None = None  # tokens scored; for "degenerate_answers", the number of prompts
     reference: str | None = None  # the member compared against (agreement, KL)
+    # the dtype the member ran at (`family eval --dtype`); the parent it is compared with runs at float32
+    dtype: str = "float32"
     command: str = ""
     measured_at: str = Field(default_factory=now_iso)
 
@@ -112,7 +116,8 @@ class MemoryBreakdown(_Model):
     """
 
     basis: Literal["measured", "predicted"] = "measured"
-    dtype: str  # serving dtype of the weights and the KV cache
+    dtype: str  # serving dtype of the weights (and of the KV cache, unless kv_dtype says otherwise)
+    kv_dtype: str | None = None  # the KV cache's, where it differs (the torch engine caches float32)
     weights_bytes: int  # the loaded model's tensors (unique storages: tied embeddings once)
     kv_bytes_per_token: int  # keys + values of every layer for one token
     kv_batch: int  # rows the worker decodes together
@@ -206,45 +211,63 @@ class MemberRecord(_Model):
     accuracy: list[AccuracyRecord] = Field(default_factory=list)
     latency: dict[str, LatencyProfile] = Field(default_factory=dict)  # by device class
 
-    def metric(self, metric: str) -> float | None:
-        """The newest record of `metric`, or None."""
-        found = self.latest(metric)
+    def metric(self, metric: str, dtype: str = "float32") -> float | None:
+        """The newest record of `metric` measured at `dtype`, or None."""
+        found = self.latest(metric, dtype)
         return found.value if found else None
 
-    def latest(self, metric: str) -> AccuracyRecord | None:
-        """The newest whole record of `metric` (its data, tokens, reference), or None."""
-        found = [r for r in self.accuracy if r.metric == metric]
+    def latest(self, metric: str, dtype: str = "float32") -> AccuracyRecord | None:
+        """The newest whole record of `metric` at `dtype` (its data, tokens, reference), or None."""
+        found = [r for r in self.accuracy if r.metric == metric and r.dtype == dtype]
         return found[-1] if found else None
 
     @property
     def quality(self) -> float | None:
-        """The routing accuracy score in [0, 1]: chat agreement, the teacher-forced top-1 agreement with
-        the parent's greedy answers on held-out chat prompts (the parent is 1.0 by definition). None
-        until `family eval` has measured it; plain-text top1_agreement is not a stand-in, so that
-        `min_accuracy` has one meaning."""
-        return 1.0 if self.is_parent else self.metric("chat_agreement")
+        """The routing accuracy score in [0, 1] at float32 (see `quality_at`)."""
+        return self.quality_at("float32")
 
-    def unfit_reason(self, policy: FitnessPolicy) -> str | None:
-        """Why routed traffic must not reach this member under `policy`, or None.
+    def quality_at(self, dtype: str) -> float | None:
+        """The routing accuracy score in [0, 1] when served at `dtype`: chat agreement, the teacher-forced
+        top-1 agreement with the float32 parent's greedy answers on held-out chat prompts (the parent at
+        float32 is 1.0 by definition; at bfloat16 it is what `family eval --dtype bfloat16` measured).
+        None until measured at that dtype: neither plain-text top1_agreement nor another dtype's figure
+        stands in, so that `min_accuracy` has one meaning."""
+        return 1.0 if self.is_parent and dtype == "float32" else self.metric("chat_agreement", dtype)
 
-        The parent is never unfit (it is what the others are measured against); a member not measured
-        yet is not unfit either (it then fits only budgets without `min_accuracy`). ASCII only: the
-        reason travels in the `x-family-warning` header.
+    def serving_dtype(self, device_class: str, devices: dict[str, DeviceRecord] | None = None) -> str:
+        """The dtype this member is served at on `device_class`: its profile's there (measured, or
+        predicted from the device's table), else float32."""
+        profile = self.profile(device_class, devices)
+        return profile.dtype if profile is not None else "float32"
+
+    def unfit_reason(self, policy: FitnessPolicy, dtype: str = "float32") -> str | None:
+        """Why routed traffic must not reach this member under `policy` when served at `dtype`, or None.
+
+        Judged on the figures measured at `dtype`, else on float32's: the cut decides fitness far more
+        than rounding does, and a member that loops at float32 must not become routable on a worker
+        whose dtype nobody evaluated. The float32 parent is never unfit (it is what the others are
+        measured against); a member not measured yet is not unfit either (it then fits only budgets
+        without `min_accuracy`). ASCII only: the reason travels in the `x-family-warning` header.
         """
-        if self.is_parent:
+        if self.is_parent and dtype == "float32":
             return None
+        if self.latest("chat_agreement", dtype) is None:
+            if self.is_parent:
+                return None
+            dtype = "float32"
         reasons = []
         # Degenerate answers the member adds to the parent's own (where `family eval` recorded which):
         # a member that loops, word for word, exactly where the parent loops is the parent's model there.
-        beyond = self.latest("degenerate_beyond_parent")
-        degenerate = beyond if beyond is not None else self.latest("degenerate_answers")
+        beyond = self.latest("degenerate_beyond_parent", dtype)
+        degenerate = beyond if beyond is not None else self.latest("degenerate_answers", dtype)
+        at = "" if dtype == "float32" else f" at {dtype}"
         if degenerate is not None and degenerate.value > policy.max_degenerate:
             of = f" of {degenerate.tokens} prompts" if degenerate.tokens else ""
             where = " where the parent's are not" if beyond is not None else ""
-            reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{where}{of} (max {_percent(policy.max_degenerate)})")
-        agreement = self.metric("chat_agreement")
+            reasons.append(f"{_percent(degenerate.value)} degenerate chat answers{where}{of}{at} (max {_percent(policy.max_degenerate)})")
+        agreement = self.metric("chat_agreement", dtype)
         if agreement is not None and agreement < policy.min_chat_agreement:
-            reasons.append(f"chat agreement {agreement:.3f} < {policy.min_chat_agreement:g}")
+            reasons.append(f"chat agreement {agreement:.3f}{at} < {policy.min_chat_agreement:g}")
         return "; ".join(reasons) or None
 
     def profile(self, device_class: str, devices: dict[str, DeviceRecord] | None = None) -> LatencyProfile | None:
@@ -313,9 +336,13 @@ class Family:
 
     @property
     def unfit(self) -> dict[str, str]:
-        """Servable members that routed traffic never reaches (they answer when pinned), with why."""
+        """Servable members that routed traffic never reaches at float32 (they answer when pinned), with why."""
+        return self.unfit_at("float32")
+
+    def unfit_at(self, dtype: str) -> dict[str, str]:
+        """The same for members served at `dtype` (judged on the figures measured there, else float32's)."""
         policy = self.registry.fitness
-        return {m.name: why for m in self.servable if (why := m.unfit_reason(policy))}
+        return {m.name: why for m in self.servable if (why := m.unfit_reason(policy, dtype))}
 
     def member_dir(self, name: str) -> Path:
         return self.root / self.registry.member(name).path
@@ -574,9 +601,13 @@ def memory_bytes(record: MemberRecord, device_class: str | None = None, dtype: s
     return record.memory_bytes(device_class, dtype, devices)
 
 
-def _rank_key(m: MemberRecord) -> tuple:
-    ppl = m.metric("perplexity")
-    return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
+def rank_key(m: MemberRecord, dtype: str = "float32") -> tuple:
+    """Best first: higher quality at `dtype` (unmeasured last), then lower perplexity, then fewer parameters."""
+    q = m.quality_at(dtype)
+    ppl = m.metric("perplexity", dtype)
+    if ppl is None:
+        ppl = m.metric("perplexity")
+    return (-(q if q is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
 
 
 def members_fitting(
@@ -599,11 +630,12 @@ def members_fitting(
     KV cache); latency is the fitted model of `device_class` at `concurrency` for a request of
     `prompt_tokens` in and `output_tokens` out, predicted from the device's bandwidth where it was never
     profiled (a member on an unknown device fits only when no latency limit is given); accuracy is
-    `m.quality` (an unmeasured member fits only without `min_accuracy`); the context needed is
+    `m.quality_at` the dtype it is served at on `device_class` (a member not measured at that dtype fits
+    only without `min_accuracy`); the context needed is
     `context_tokens`, else prompt + output, and must not exceed the member's max_model_len. With a
     `Family`, only servable members (verified files) are considered; members unfit under the family's
     fitness policy are left out unless `include_unfit` (routed traffic never reaches them). Best
-    first: higher quality, then lower perplexity, then fewer parameters. The gateway adds live load on
+    first (`rank_key`). The gateway adds live load on
     top of this.
     """
     from family.latency import predict_latency
@@ -614,13 +646,14 @@ def members_fitting(
     need = context_tokens if context_tokens is not None else prompt_tokens + output_tokens
     fits = []
     for m in members:
+        dtype = m.serving_dtype(device_class, devices)
         if need > m.max_model_len:
             continue
-        if not include_unfit and m.unfit_reason(policy):
+        if not include_unfit and m.unfit_reason(policy, dtype):
             continue
         if max_memory_gb is not None and m.memory_bytes(device_class, devices=devices) / 1e9 > max_memory_gb:
             continue
-        if min_accuracy is not None and (m.quality is None or m.quality < min_accuracy):
+        if min_accuracy is not None and ((q := m.quality_at(dtype)) is None or q < min_accuracy):
             continue
         if max_ttft_ms is not None or max_latency_ms is not None:
             pred = predict_latency(m, device_class, prompt_tokens, output_tokens, concurrency, devices)
@@ -631,4 +664,4 @@ def members_fitting(
             if max_latency_ms is not None and pred.e2e_s * 1e3 > max_latency_ms:
                 continue
         fits.append(m)
-    return sorted(fits, key=_rank_key)
+    return sorted(fits, key=lambda m: rank_key(m, m.serving_dtype(device_class, devices)))

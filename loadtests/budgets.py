@@ -32,7 +32,7 @@ from pathlib import Path
 
 from family import defaults
 from family.latency import predict_latency
-from family.registry import FamilyRegistry, MemberRecord
+from family.registry import FamilyRegistry, MemberRecord, rank_key
 
 POLICIES = ("gateway", "parent", "static")
 CLASS_NAMES = ("tight_latency", "tight_memory", "high_accuracy", "none")
@@ -101,6 +101,16 @@ class Figures:
     def memory_gb(self, m: MemberRecord) -> float:
         return m.memory_bytes(self.device_class) / 1e9
 
+    def dtype(self, m: MemberRecord) -> str:
+        """The dtype `m` is served at on this device class: its accuracy and fitness are those there."""
+        return m.serving_dtype(self.device_class, self.registry.devices)
+
+    def quality(self, m: MemberRecord) -> float | None:
+        return m.quality_at(self.dtype(m))
+
+    def unfit(self, m: MemberRecord) -> str | None:
+        return m.unfit_reason(self.registry.fitness, self.dtype(m))
+
     def predict(self, m: MemberRecord, prompt_tokens: int, max_tokens: int, concurrency: float = 1):
         return predict_latency(m, self.device_class, prompt_tokens, max_tokens, concurrency)
 
@@ -109,7 +119,7 @@ def derive_classes(fig: Figures, *, latency_slack: float = 2.0, accuracy_latency
                    ref_concurrency: float = 2.0) -> list[ClassSpec]:
     """The four budget classes, with limits derived from the registry's figures (see module doc), of the
     members routed traffic can reach: a limit only an unfit member could meet is one no policy can serve."""
-    members = [m for m in fig.registry.members if m.unfit_reason(fig.registry.fitness) is None]
+    members = [m for m in fig.registry.members if fig.unfit(m) is None]
     tl = ClassSpec("tight_latency", {}, 3, 1.0, 1.0, (20, 80), (16, 32))
     tm = ClassSpec("tight_memory", {}, 2, 0.5, 0.5, (40, 160), (24, 48))
     ha = ClassSpec("high_accuracy", {}, 2, 0.5, 0.5, (60, 200), (24, 48))
@@ -124,7 +134,7 @@ def derive_classes(fig: Figures, *, latency_slack: float = 2.0, accuracy_latency
     mems = sorted({fig.memory_gb(m) for m in members}, reverse=True)
     if len(mems) >= 2:
         tm.budget = {"max_memory_gb": float(f"{(mems[0] + mems[1]) / 2:.4g}")}
-    quals = sorted({m.quality for m in members if m.quality is not None}, reverse=True)
+    quals = sorted({q for m in members if (q := fig.quality(m)) is not None}, reverse=True)
     if len(quals) >= 2:
         ha.budget = {"min_accuracy": float(f"{quals[1] - 1e-4:.6g}")}
     parent = fig.member(fig.parent)
@@ -209,24 +219,19 @@ def plan(spec: ClassSpec, policy: str, fig: Figures, prompts: Prompts, rng: rand
     return req
 
 
-def _rank(m: MemberRecord) -> tuple:
-    ppl = m.metric("perplexity")
-    return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
-
-
 def static_choice(fig: Figures, budget: dict, prompt_tokens: int, max_tokens: int) -> str:
     """The static-table baseline: the most accurate member whose *registry* figures fit the budget at a
     load of one request (no live load, no observations); if none fits, the one predicted fastest.
     Never an unfit member (the gateway never routes to one either)."""
     fits, fallback = [], []
     for m in fig.registry.members:
-        if m.unfit_reason(fig.registry.fitness):
+        if fig.unfit(m):
             continue
         pred = fig.predict(m, prompt_tokens, max_tokens, 1)
         fallback.append((pred.e2e_s if pred else float("inf"), m.name))
         if "max_memory_gb" in budget and fig.memory_gb(m) > budget["max_memory_gb"]:
             continue
-        if "min_accuracy" in budget and (m.quality is None or m.quality < budget["min_accuracy"]):
+        if "min_accuracy" in budget and ((q := fig.quality(m)) is None or q < budget["min_accuracy"]):
             continue
         if "max_ttft_ms" in budget and (pred is None or pred.ttft_s * 1e3 > budget["max_ttft_ms"]):
             continue
@@ -234,7 +239,7 @@ def static_choice(fig: Figures, budget: dict, prompt_tokens: int, max_tokens: in
             continue
         fits.append(m)
     if fits:
-        return min(fits, key=_rank).name
+        return min(fits, key=lambda m: rank_key(m, fig.dtype(m))).name
     return min(fallback)[1]
 
 
@@ -285,7 +290,7 @@ def judge(o: Outcome, fig: Figures) -> Outcome:
         m = fig.member(o.member or o.model)
         if "max_memory_gb" in b and (m is None or fig.memory_gb(m) > b["max_memory_gb"]):
             missed.append("max_memory_gb")
-        if "min_accuracy" in b and (m is None or m.quality is None or m.quality < b["min_accuracy"]):
+        if "min_accuracy" in b and (m is None or (q := fig.quality(m)) is None or q < b["min_accuracy"]):
             missed.append("min_accuracy")
     o.missed, o.met = missed, not missed
     return o

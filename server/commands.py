@@ -118,6 +118,8 @@ def serve(
     static: bool = typer.Option(False, help="route from registry figures only (ignore live load): a baseline"),
     health_interval: float = typer.Option(2.0, help="seconds between worker health checks"),
     worker_threads: int = typer.Option(0, help="the local torch worker (one process for all members): CPU threads (0 = one per core)"),
+    dtype: str = typer.Option("float32", help="local workers' serving dtype: float32, bfloat16 or float16 (routing reads each member's "
+                                             "accuracy at the dtype its profile on --device-class was measured at)"),
     state: str = typer.Option("memory", help="where per-key token quotas live: memory (this replica) or redis://host:port/db "
                                              "(shared by every replica pointed at it)"),
     state_failure: str = typer.Option("open", help="when the --state Redis is unreachable: open (serve unreserved; default) or "
@@ -156,6 +158,8 @@ def serve(
     from server.state import open_state
     from server.tracing import tracer_provider
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     fam = load_family(family_dir)
     for name, why in fam.problems.items():
         typer.echo(f"refusing member {name}: {why}", err=True)
@@ -184,7 +188,7 @@ def serve(
             specs = load_fleet(fleet, fam)
         else:
             typer.echo(f"starting local {engine} workers for {len(fam.servable)} members ...", err=True)
-            local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None)
+            local = LocalWorkers(fam, engine, device_class, threads=worker_threads or None, dtype=dtype)
             specs = local.specs
         limits = Limits.for_context(max(m.max_model_len for m in fam.servable), max_body_bytes=max_body_bytes)
         app = create_app(fam, specs, auth=auth, live=not static, health_interval=health_interval, limits=limits,

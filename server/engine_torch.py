@@ -12,7 +12,8 @@ prefills their prompts together, sampling each one's first token, and (2) decode
 running row of that member in one batched forward, then (3) drops the rows that finished (eos, stop
 string, max_tokens, client gone), moving the last row into the freed slot so running rows stay in
 slots 0..n-1. A member with work gets one step per round, so two busy members share the machine
-step for step and an idle one costs nothing. A request arriving mid-generation starts at its member's
+step for step and an idle one costs nothing; requests that carry a deadline (a caller's latency
+budget) go first, and the rest wait up to a bound (server.deadline_scheduling). A request arriving mid-generation starts at its member's
 next step. Each row samples with its own parameters and generator (seeded requests repeat). Tokens go
 to each request's asyncio queue as produced (streaming is token by token). A bounded waiting queue per
 member makes overload a fast 429.
@@ -34,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import family  # noqa: F401  (registers the low-rank architecture)
 from family import defaults
+from server import deadline_scheduling
 from server.decoder import StaticDecoder
 from server.layout import DTYPES, Layout, plan_layout
 from server.sampling import sample
@@ -56,6 +58,7 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    deadline: float | None = None  # perf_counter time the caller's latency budget runs out (server.deadline_scheduling)
     # Filled by the engine:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None  # ("text", str) … then ("done", finish_reason) or ("error", msg)
@@ -105,9 +108,11 @@ class Member:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.decoder = StaticDecoder(model, self.layout, max_slots=max_batch, max_len=max_model_len)
         del model
-        self.max_batch = max_batch
-        self.waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=max_waiting)
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=max_waiting)  # submitted, not yet seen by the scheduler
+        self.pending: list[GenRequest] = []  # seen by the scheduler, not yet admitted (owned by its thread)
         self.rows: list[GenRequest] = []  # rows[i] decodes in cache slot i
+        self.step_s = 0.0  # seconds a step of all its rows takes (prefill included; moving average): the pace of a round
         self.stats = EngineStats()
         record = self.layout.record()
         log.info("member %s served as %s on %s, projections %s (layout chosen in %.1f s)", name, record["dtype"],
@@ -120,15 +125,31 @@ class Member:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def admit(self) -> list[GenRequest]:
-        fresh: list[GenRequest] = []
-        while len(self.rows) + len(fresh) < self.max_batch:
+    def collect(self) -> None:
+        """Move what was submitted since the last round to `pending` (the scheduler's side)."""
+        while True:
             try:
-                r = self.waiting.get_nowait()
+                self.pending.append(self.waiting.get_nowait())
             except queue.Empty:
+                return
+
+    def queued(self) -> int:
+        return self.waiting.qsize() + len(self.pending)
+
+    def admit(self, now: float, pace_s: float, max_defer_s: float = deadline_scheduling.MAX_DEFER_S) -> list[GenRequest]:
+        """The waiting requests to prefill now, up to the free slots: earliest deadline first, and none
+        that is not pressing while a pressing row would wait for its prefill (server.deadline_scheduling)."""
+        self.pending = [r for r in self.pending if not r.cancelled]
+        rows_pressing = any(deadline_scheduling.pressing(r, now, pace_s) for r in self.rows)
+        fresh: list[GenRequest] = []
+        for r in deadline_scheduling.admit_order(self.pending):
+            if len(self.rows) + len(fresh) >= self.max_batch:
                 break
-            if not r.cancelled:
+            if deadline_scheduling.admissible(r, rows_pressing, now, pace_s, max_defer_s):
                 fresh.append(r)
+                rows_pressing = rows_pressing or deadline_scheduling.pressing(r, now, pace_s)
+        taken = {id(r) for r in fresh}
+        self.pending = [r for r in self.pending if id(r) not in taken]
         return fresh
 
 
@@ -151,6 +172,7 @@ class TorchEngine:
         if not members:
             raise ValueError("an engine serves at least one member")
         self.members: dict[str, Member] = {}
+        self.max_defer_s = deadline_scheduling.MAX_DEFER_S  # how long work without a deadline may be held back
         self.max_model_len = max_model_len
         self.max_batch = max_batch
         self.observer = observer
@@ -190,11 +212,13 @@ class TorchEngine:
         m = self.members[member]
         req.loop = asyncio.get_running_loop()
         req.events = asyncio.Queue()
+        if m.queued() >= m.max_waiting:
+            raise QueueFull
         try:
             m.waiting.put_nowait(req)
         except queue.Full:
             raise QueueFull from None
-        m.stats.waiting = m.waiting.qsize()
+        m.stats.waiting = m.queued()
         self._wake.set()
 
     def shutdown(self) -> None:
@@ -209,14 +233,26 @@ class TorchEngine:
         while not self._stop.is_set():
             self._wake.clear()
             busy = False
-            for m in members:  # round-robin: one step for every member with work
+            for m in members:
+                m.collect()
+            # Round-robin, one step for every member with work; while any holds a request that would miss
+            # its deadline at that pace, the others wait their turn, up to a bound (server.deadline_scheduling).
+            pace = sum(m.step_s for m in members if m.rows or m.pending)
+            now = time.perf_counter()
+            urgent = any(deadline_scheduling.any_pressing(m.rows, m.pending, now, pace) for m in members)
+            for m in members:
                 fresh: list[GenRequest] = []
                 try:
-                    fresh = m.admit()
+                    now = time.perf_counter()
+                    if not deadline_scheduling.steps(m.rows, m.pending, urgent, now, pace, self.max_defer_s):
+                        continue
+                    fresh = m.admit(now, pace, self.max_defer_s)
                     if fresh:
                         self._prefill(m, fresh)
-                    if m.rows:
-                        self._decode_step(m)
+                    whole = self._decode_step(m, pace) if m.rows else True
+                    if whole:  # the pace of a round is that of whole steps (a step of pressing rows alone is faster)
+                        took = time.perf_counter() - now
+                        m.step_s = 0.8 * m.step_s + 0.2 * took if m.step_s else took
                 except Exception as exc:  # a failed step fails its member's requests, never the engine
                     log.exception("step of member %s failed", m.name)
                     for r in m.rows + fresh:
@@ -227,8 +263,8 @@ class TorchEngine:
                 finally:
                     m.stats.running = len(m.rows)
                     m.stats.cache_tokens = sum(r.position for r in m.rows)
-                    m.stats.waiting = m.waiting.qsize()
-                busy = busy or bool(m.rows) or m.stats.waiting > 0
+                    m.stats.waiting = m.queued()
+                    busy = busy or bool(m.rows) or m.stats.waiting > 0
             if not busy:
                 self._wake.wait(0.05)
 
@@ -243,14 +279,24 @@ class TorchEngine:
             r.counts = {}
         self._take_tokens(m, list(range(first, len(m.rows))), logits, first=True)
 
-    def _decode_step(self, m: Member) -> None:
-        """One token for every running row of `m`, in one forward pass over its cache."""
-        tokens = torch.tensor([r.last for r in m.rows])
-        positions = torch.tensor([r.position for r in m.rows])
+    def _decode_step(self, m: Member, pace_s: float = 0.0) -> bool:
+        """One token for every running row of `m` in one forward pass over its cache, or, while some rows
+        would miss their deadline at the round's pace, for those alone (server.deadline_scheduling).
+        Whether every row stepped."""
+        now = time.perf_counter()
+        n = deadline_scheduling.pressing_first(m.rows, now, pace_s, self.max_defer_s)
+        if n < len(m.rows):
+            for a, b in deadline_scheduling.partition(m.rows, now, pace_s):
+                m.decoder.swap(a, b, max(m.rows[a].position, m.rows[b].position))
+        rows = m.rows[:n]
+        tokens = torch.tensor([r.last for r in rows])
+        positions = torch.tensor([r.position for r in rows])
         logits = m.decoder.decode(tokens, positions)
-        for r in m.rows:
+        for r in rows:
             r.position += 1
-        self._take_tokens(m, list(range(len(m.rows))), logits, first=False)
+        whole = n == len(m.rows)
+        self._take_tokens(m, list(range(n)), logits, first=False)
+        return whole
 
     def _take_tokens(self, m: Member, slots: list[int], logits: torch.Tensor, first: bool) -> None:
         """Sample one token for each row at `slots`, stream it, and free the slots of rows that finished."""

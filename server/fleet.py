@@ -9,6 +9,7 @@ From a file (`--fleet fleet.yaml`), for workers that run elsewhere (GPU nodes wi
         api_key: optional-bearer-token
         max_concurrent: 8              # requests the gateway sends it at once (default: the gateway's --worker-slots)
         prefix_caching: true           # it caches prompt prefixes (vLLM): affinity hits shorten predicted TTFT
+        deadline_scheduling: false     # it serves requests with a latency budget first (`family worker --engine torch`)
 
 A worker that serves several members (one `family worker` per CPU host, the torch engine's way) is
 listed once per member with the same url; the gateway keeps load and speed per member of it.
@@ -37,6 +38,7 @@ class WorkerSpec(BaseModel):
     api_key: str | None = None
     max_concurrent: int | None = Field(default=None, ge=1)  # gateway-side slots (server.priority); None: the gateway's default
     prefix_caching: bool = False  # vLLM's automatic prefix caching: an affinity hit skips the cached prefill (server.affinity)
+    deadline_scheduling: bool = False  # serves requests with a latency budget first (`family worker --engine torch`; server.deadline_scheduling)
 
     @property
     def base(self) -> str:
@@ -81,10 +83,11 @@ class LocalWorkers:
     work (server.engine_torch). It replaced one process per member pinned to cores/N threads each,
     which left cores idle whenever a member had nothing to do and paid the runtime N times.
     vLLM: one process per member (vLLM serves one model per process). `threads` caps the torch
-    worker's threads (default: torch's, one per core).
+    worker's threads (default: torch's, one per core); `dtype` the workers' serving dtype.
     """
 
-    def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None, threads: int | None = None):
+    def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None, threads: int | None = None,
+                 dtype: str = "float32"):
         from family.profile import WorkerProcess
 
         self.processes = []
@@ -97,10 +100,12 @@ class LocalWorkers:
             for group in groups:  # start them all, then wait: start-ups overlap
                 label = "shared" if len(group) > 1 else group[0]
                 proc = WorkerProcess([family.member_dir(n) for n in group], group, engine, log=log_dir / f"worker-{label}-{engine}.log",
-                                     ready_timeout=None, threads=threads if engine == "torch" else None)
+                                     ready_timeout=None, threads=threads if engine == "torch" else None, dtype=dtype)
                 self.processes.append(proc)
-                # vLLM caches prompt prefixes (server.affinity counts a hit in its TTFT); the torch engine does not
-                self.specs += [WorkerSpec(url=proc.url, member=n, device_class=device_class, prefix_caching=engine == "vllm") for n in group]
+                # vLLM caches prompt prefixes (server.affinity counts a hit in its TTFT); the torch engine does not,
+                # and serves requests with a latency budget first (server.deadline_scheduling)
+                self.specs += [WorkerSpec(url=proc.url, member=n, device_class=device_class, prefix_caching=engine == "vllm",
+                                          deadline_scheduling=engine == "torch") for n in group]
             for proc in self.processes:
                 proc.wait_ready()
         except BaseException:

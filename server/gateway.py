@@ -36,6 +36,7 @@ from server.caps import OPEN, Grant, grant_for
 from server.errors import APIError, install_error_handlers, not_found
 from server.fleet import WorkerSpec
 from server.affinity import Affinity, AffinityKey, affinity_key
+from server.deadline_scheduling import with_deadline
 from server.deadlines import DEFAULT_S as FIRST_TOKEN_S, FirstTokenTimeout, first_token_deadline, no_first_token_error
 from server.isolation import Attempts
 from server.limits import BodyLimit, Limits, check_prompt_chars, on_finish
@@ -150,6 +151,7 @@ class Gateway:
     async def handle(self, path: str, body: ChatCompletionRequest | CompletionRequest, budget: Budget, pinned: str | None,
                      grant: Grant = OPEN, chars: int = 0, ticket: Ticket = NO_QUOTA, trace: RequestTrace = NO_TRACE,
                      priority: Priority = "standard", key: AffinityKey | None = None) -> Response:
+        arrived = time.perf_counter()
         members = [pinned] if pinned else [m.name for m in self.family.servable if grant.members is None or m.name in grant.members]
         p, o = await self.tokenizers.count_async(body, members, chars), body.resolved_max_tokens()
         if ticket.enabled:  # 429 over the key's token quota (server.quotas)
@@ -178,11 +180,13 @@ class Gateway:
             payload["model"] = choice.member.name
             start = time.perf_counter()
             deadline = first_token_deadline(budget, choice.predicted, self.first_token_s, admitted.last_choice) if body.stream else None
+            # what is left of the caller's latency budget: the worker serves such requests first (server.deadline_scheduling)
+            headers = with_deadline(trace.upstream_headers(w.headers), budget.max_latency_ms, budget.max_ttft_ms, start - arrived)
             released = False
             upstream: aiohttp.ClientResponse | None = None
             try:
                 upstream = await by_deadline(deadline, start, self.pool.session.post(w.url(path), data=json.dumps(payload).encode(),
-                                                                                     headers=trace.upstream_headers(w.headers), timeout=self.timeout))
+                                                                                     headers=headers, timeout=self.timeout))
                 status = upstream.status
                 if status >= 500 or status == 429:
                     content = await upstream.read()

@@ -58,6 +58,10 @@ class WorkerState:
     in_flight: int = 0
     ttft_ratio: float = 1.0  # observed / predicted
     tpot_ratio: float = 1.0
+    # The same for requests it serves deadline first (server.deadline_scheduling): they wait for no one,
+    # the rest wait for them, so one ratio for both would mislead the predictions of each.
+    first_ttft_ratio: float = 1.0
+    first_tpot_ratio: float = 1.0
     last_error: str | None = None
     strikes: list[float] = field(default_factory=list)  # when it failed a request another worker served
     cooldowns: int = 0  # times put in cooldown (read by the hostile-input scenario)
@@ -90,18 +94,33 @@ class WorkerState:
         """Requests this worker is busy with: its own count, or ours when its /metrics lag behind."""
         return max(self.running + self.waiting, float(self.in_flight))
 
-    def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None) -> None:
+    def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None,
+                first: bool = False) -> None:
+        """Fold one request's observed/predicted times into the ratios (`first`: it was served deadline first)."""
         if predicted_ttft and ttft is not None:
-            self.ttft_ratio = _clamp((1 - EWMA) * self.ttft_ratio + EWMA * ttft / predicted_ttft)
+            r = _clamp((1 - EWMA) * self.ratios(first)[0] + EWMA * ttft / predicted_ttft)
+            if first:
+                self.first_ttft_ratio = r
+            else:
+                self.ttft_ratio = r
         if predicted_tpot and tpot is not None:
-            self.tpot_ratio = _clamp((1 - EWMA) * self.tpot_ratio + EWMA * tpot / predicted_tpot)
+            r = _clamp((1 - EWMA) * self.ratios(first)[1] + EWMA * tpot / predicted_tpot)
+            if first:
+                self.first_tpot_ratio = r
+            else:
+                self.tpot_ratio = r
+
+    def ratios(self, first: bool = False) -> tuple[float, float]:
+        """(TTFT, TPOT) observed/predicted, for requests served deadline first or the rest."""
+        return (self.first_ttft_ratio, self.first_tpot_ratio) if first else (self.ttft_ratio, self.tpot_ratio)
 
     def public(self) -> dict:
         return {
             "url": self.name, "member": self.spec.member, "device_class": self.spec.device_class,
             "healthy": self.healthy, "in_cooldown": time.monotonic() < self.cooldown_until, "running": self.running,
             "waiting": self.waiting, "in_flight": self.in_flight, "ttft_ratio": round(self.ttft_ratio, 3),
-            "tpot_ratio": round(self.tpot_ratio, 3), "last_error": self.last_error,
+            "tpot_ratio": round(self.tpot_ratio, 3), "first_ttft_ratio": round(self.first_ttft_ratio, 3),
+            "first_tpot_ratio": round(self.first_tpot_ratio, 3), "last_error": self.last_error,
             "strikes": len(self.strikes), "cooldowns": self.cooldowns,
         }
 

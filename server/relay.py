@@ -51,7 +51,7 @@ class Relay:
         w = choice.worker
         self.metrics.deadline_cancels.labels(w.name).inc()
         if choice.baseline is not None and self.live:
-            w.observe(choice.baseline.ttft_s, deadline_s, None, None)
+            w.observe(choice.baseline.ttft_s, deadline_s, None, None, first=choice.first)
 
     async def head(self, upstream: aiohttp.ClientResponse, start: float) -> tuple[list[bytes], float | None]:
         """Read up to the first token (or the end), so a worker that fails before it is retried elsewhere."""
@@ -126,7 +126,7 @@ class Relay:
                 base = choice.baseline
                 tpot = (last - start - ttft) / (chunks - 1) if chunks > 1 and ttft is not None and last is not None else None
                 if base is not None and ttft is not None and last is not None:
-                    w.observe(base.ttft_s, ttft, base.tpot_s, tpot)
+                    w.observe(base.ttft_s, ttft, base.tpot_s, tpot, first=choice.first)
                 self.check_budget(choice, budget, ttft, e2e, tpot)
             elif outcome != "ok":  # broke mid-stream (a caller who left is not counted)
                 self.metrics.goodput.labels(budget_class(budget), "failed").inc()
@@ -143,7 +143,7 @@ class Relay:
                 n = 0
             if n > 1:
                 observed_tpot = max(0.0, e2e - pred.ttft_s) / (n - 1)
-                w.observe(None, None, base.tpot_s, observed_tpot)
+                w.observe(None, None, base.tpot_s, observed_tpot, first=choice.first)
         self.check_budget(choice, budget, None, e2e)
 
 

@@ -3,9 +3,10 @@ it soonest.
 
 For each member: memory (measured peak on the worker's device class, else weight bytes), context
 length (prompt + max_tokens ≤ max_model_len) and the accuracy floor (quality = chat agreement with
-the parent on held-out chat prompts) are static checks. Before any of them, routed traffic skips a
-member that is unfit under the family's fitness policy (degenerate chat answers, chat agreement under
-the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
+the parent on held-out chat prompts, measured at the dtype the member is served at on the worker's
+device class: a bfloat16 worker is not credited with float32's figure) are static checks. Before any
+of them, routed traffic skips a member that is unfit under the family's fitness policy (degenerate
+chat answers, chat agreement under the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
 warning on its Choice. For each of its available workers, latency is predicted from the
 registry's latency model for that device class, at the worker's current load, and scaled by what
 the gateway has observed of that worker (EWMA of observed/predicted), plus one step of each busy
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from family.latency import LatencyPrediction, predict_latency
-from family.registry import Family, MemberRecord
+from family.registry import Family, MemberRecord, rank_key
 from server.errors import APIError
 from server.pool import Pool, WorkerState
 from server.protocol import Budget
@@ -39,6 +40,7 @@ class Choice:
     baseline: LatencyPrediction | None  # the registry's own, which the ratios scale: what observed latencies are compared with
     reason: str  # "pinned", "best", "best_effort"
     warning: str | None = None  # e.g. the pinned member is unfit; the gateway sends it as x-family-warning
+    first: bool = False  # predicted as served deadline first (server.deadline_scheduling): its times feed those ratios
 
 
 @dataclass
@@ -58,11 +60,6 @@ class RouteResult:
     pinned: str | None = None  # the member the request named, if any (it may be served even when unfit)
 
 
-def _rank_key(m: MemberRecord) -> tuple:
-    ppl = m.metric("perplexity")
-    return (-(m.quality if m.quality is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
-
-
 def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_tokens: int, max_tokens: int,
                     devices: dict | None = None) -> Verdict | None:
     need = prompt_tokens + max_tokens
@@ -73,9 +70,11 @@ def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_toke
         if gb > budget.max_memory_gb:
             return Verdict(m.name, "max_memory_gb", f"needs {gb:.2f} GB > {budget.max_memory_gb} GB", gb / budget.max_memory_gb - 1)
     if budget.min_accuracy is not None:
-        q = m.quality
+        dtype = m.serving_dtype(w.spec.device_class, devices)
+        q = m.quality_at(dtype)
         if q is None:
-            return Verdict(m.name, "min_accuracy", "accuracy not measured (run family eval)", 1.0)
+            how = "family eval" if dtype == "float32" else f"family eval --dtype {dtype}"
+            return Verdict(m.name, "min_accuracy", f"accuracy at {dtype}, its dtype on {w.spec.device_class}, not measured (run {how})", 1.0)
         if q < budget.min_accuracy:
             return Verdict(m.name, "min_accuracy", f"accuracy {q:.3f} < {budget.min_accuracy}", budget.min_accuracy / max(q, 1e-9) - 1)
     return None
@@ -87,13 +86,25 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
 
 
 def _predict(family: Family, pool: Pool, m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool,
-             cached: int = 0, idle: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+             cached: int = 0, idle: bool = False, urgent: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
     skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts).
-    Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker)."""
+    Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker),
+    except for an `urgent` request (one with a latency budget) on a worker that serves those first: it
+    neither waits for other prompts' prefills nor for siblings' steps (server.deadline_scheduling), so it
+    is predicted as the member alone, scaled by the ratios that such requests on that worker teach."""
     concurrency = w.load() + 1 if live and not idle else 1
     uncached = max(1, prompt_tokens - cached) if cached and w.spec.prefix_caching else prompt_tokens
+    if urgent and live and not idle and w.spec.deadline_scheduling:
+        # Served first when it would otherwise be late, it waits for no queued prompt and no sibling: the
+        # member alone, scaled by what deadline-first requests on this worker took against that.
+        base = predict_latency(m, w.spec.device_class, uncached, max_tokens, 1, family.registry.devices)
+        if base is None:
+            return None, None
+        ttft_ratio, tpot_ratio = w.ratios(first=True)
+        ttft, tpot = base.ttft_s * ttft_ratio, base.tpot_s * tpot_ratio
+        return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
     base = predict_latency(m, w.spec.device_class, uncached, max_tokens, concurrency, family.registry.devices)  # measured, else predicted
     if base is None or not live:
         return base, base
@@ -138,27 +149,32 @@ def route(
     members = [family.registry.member(pinned)] if pinned else [m for m in family.servable if allowed is None or m.name in allowed]
     result = RouteResult(pinned=pinned)
     fits: list[tuple[tuple, float, Choice]] = []
-    policy = family.registry.fitness
-    for m in sorted(members, key=_rank_key):
-        unfit = m.unfit_reason(policy)
-        if unfit and not pinned:  # whatever the budget: never routed to, not even as best effort
-            result.refused.append(Verdict(m.name, "unfit", unfit, float("inf")))
-            continue
-        warning = _unfit_warning(m, unfit)
+    policy, devices = family.registry.fitness, family.registry.devices
+    urgent = budget.max_latency_ms is not None or budget.max_ttft_ms is not None  # the gateway sends it as a deadline
+    for m in sorted(members, key=rank_key):
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         if not workers:
-            result.refused.append(Verdict(m.name, "unavailable", "no healthy worker", float("inf")))
+            unfit = None if pinned else m.unfit_reason(policy)
+            result.refused.append(Verdict(m.name, "unfit", unfit, float("inf")) if unfit else
+                                  Verdict(m.name, "unavailable", "no healthy worker", float("inf")))
             continue
         p = _tokens(prompt_tokens, m.name)
         best_verdict = None
         for w in workers:
-            verdict = _static_verdict(m, w, budget, p, max_tokens, family.registry.devices)
+            dtype = m.serving_dtype(w.spec.device_class, devices)  # its accuracy and fitness are those at this dtype
+            unfit = m.unfit_reason(policy, dtype)
+            if unfit and not pinned:  # whatever the budget: never routed to, not even as best effort
+                verdict = Verdict(m.name, "unfit", unfit, float("inf"))
+            else:
+                verdict = _static_verdict(m, w, budget, p, max_tokens, devices)
             pred, base = _predict(family, pool, m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0),
-                                  idle) if verdict is None else (None, None)
+                                  idle, urgent) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
-                fits.append((_rank_key(m), e2e, Choice(m, w, pred, base, "pinned" if pinned else "best", warning)))
+                choice = Choice(m, w, pred, base, "pinned" if pinned else "best", _unfit_warning(m, unfit),
+                                first=urgent and live and not idle and w.spec.deadline_scheduling)
+                fits.append((rank_key(m, dtype), e2e, choice))
             elif best_verdict is None or verdict.violation < best_verdict.violation:
                 best_verdict = verdict
         if best_verdict is not None and not any(c.member.name == m.name for _, _, c in fits):
@@ -176,12 +192,12 @@ def best_effort(family: Family, pool: Pool, result: RouteResult, *, prompt_token
     out = []
     for v in order:
         m = family.registry.member(v.member)
-        warning = _unfit_warning(m, m.unfit_reason(family.registry.fitness))
-        if warning and m.name != result.pinned:
-            continue
         workers = [w for w in pool.for_member(m.name) if w.available() and w.name not in exclude]
         workers.sort(key=lambda w: w.load())
         for w in workers:
+            warning = _unfit_warning(m, m.unfit_reason(family.registry.fitness, m.serving_dtype(w.spec.device_class, family.registry.devices)))
+            if warning and m.name != result.pinned:
+                continue
             pred, base = _predict(family, pool, m, w, _tokens(prompt_tokens, m.name), max_tokens, live)
             out.append(Choice(m, w, pred, base, "best_effort", warning))
     return out

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from family import defaults
+from server import deadline_scheduling
 from server.engine_torch import GenRequest, Member, QueueFull, TorchEngine
 from server.errors import APIError, install_error_handlers, not_found, overloaded
 from server.protocol import (
@@ -76,7 +77,7 @@ class WorkerMetrics:
         capacity = engine.max_batch * engine.max_model_len
         for name, m in engine.members.items():
             self.running.labels(name).set(m.stats.running)
-            self.waiting.labels(name).set(m.waiting.qsize())
+            self.waiting.labels(name).set(m.queued())
             self.kv.labels(name).set(min(1.0, m.stats.cache_tokens / capacity))
 
 
@@ -113,7 +114,7 @@ def create_app(
             raise not_found(f"this worker serves {served}, not {model!r}")
         return engine.members[model]
 
-    def make_request(m: Member, body: SamplingParams, prompt_ids: list[int]) -> GenRequest:
+    def make_request(m: Member, body: SamplingParams, prompt_ids: list[int], request: Request) -> GenRequest:
         max_tokens = body.resolved_max_tokens()
         if len(prompt_ids) + max_tokens > max_model_len:
             raise APIError(
@@ -129,6 +130,8 @@ def create_app(
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             ignore_eos=body.ignore_eos,
         )
+        budget_s = deadline_scheduling.parse_deadline_ms(request.headers.get(deadline_scheduling.HEADER))
+        req.deadline = req.arrived + budget_s if budget_s is not None else None
         try:
             engine.submit(m.name, req)
         except QueueFull:
@@ -192,7 +195,7 @@ def create_app(
     async def chat(body: ChatCompletionRequest, request: Request):
         m = member_of(body.model)
         messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
-        req = make_request(m, body, m.chat_prompt_ids(messages))
+        req = make_request(m, body, m.chat_prompt_ids(messages), request)
         name = m.name
         if body.stream:
             rid, created = new_id("chatcmpl"), int(time.time())
@@ -214,7 +217,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         m = member_of(body.model)
-        req = make_request(m, body, m.text_prompt_ids(body.prompt))
+        req = make_request(m, body, m.text_prompt_ids(body.prompt), request)
         name = m.name
         if body.stream:
             rid, created = new_id("cmpl"), int(time.time())

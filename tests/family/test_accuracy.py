@@ -138,6 +138,30 @@ def test_family_eval_stores_plausible_records(family_root):
     assert not any(r.metric.startswith("lm_eval:") for r in read_registry(family_root).member("tiny-p60").accuracy)
 
 
+def test_family_eval_at_bfloat16_records_each_members_figures_at_that_dtype(family_root):
+    """A worker serving bfloat16 is routed on what the members answer at bfloat16, the parent included:
+    its answers are compared with the float32 parent's, so even the parent may score under 1.0."""
+    args = ["eval", "--family", str(family_root), "--windows", "2", "--seq-len", "32", "--answer-tokens", "8"]
+    assert _cli(args).exit_code == 0
+    result = _cli(args + ["--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    reg = read_registry(family_root)
+    p100, p60 = reg.member("tiny-p100"), reg.member("tiny-p60")
+    for m in (p100, p60):
+        low = [r for r in m.accuracy if r.dtype == "bfloat16"]
+        assert {r.metric for r in low} >= {"chat_agreement", "chat_kl", "degenerate_answers", "degenerate_beyond_parent", "perplexity"}
+        assert "--dtype bfloat16" in low[0].command
+        assert m.metric("perplexity", "bfloat16") != m.metric("perplexity")  # measured again, not copied
+    assert p100.quality == 1.0 and 0 < p100.quality_at("bfloat16") <= 1.0 and p100.metric("chat_kl", "bfloat16") > 0
+    assert 0 <= p60.quality_at("bfloat16") <= 1.0
+    assert json.loads((family_root / "eval" / "answers-tiny-p60-bfloat16.json").read_text())["dtype"] == "bfloat16"
+    # Each dtype resumes on its own records.
+    again = _cli(args + ["--dtype", "bfloat16", "--skip-measured"])
+    assert again.exit_code == 0 and again.output.count("already measured") == 2
+    bad = _cli(args + ["--dtype", "int4"])
+    assert bad.exit_code != 0 and "--dtype must be float32, bfloat16 or float16" in str(bad.exception)
+
+
 def test_interrupted_eval_keeps_what_was_measured(tiny_parent_dir, tmp_path, monkeypatch):
     root = build_tiny_family(tiny_parent_dir, tmp_path / "fam", fractions=(0.8, 0.6))
     import family.accuracy

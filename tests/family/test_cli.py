@@ -48,3 +48,19 @@ def test_a_worker_flag_for_the_other_engine_is_one_line_before_anything_loads(tm
     assert exit_info.value.code != 0
     err = capfd.readouterr().err.strip()
     assert err.startswith("error:") and says in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "--dtype", "int8"], "--dtype must be float32, bfloat16 or float16"),
+    (["profile", "--device-class", "cpu", "--dtype", "auto"], "--dtype must be float32, bfloat16 or float16"),
+    (["eval", "--dtype", "auto"], "--dtype must be float32, bfloat16 or float16"),
+])
+def test_a_serving_dtype_the_registry_cannot_record_is_one_line_before_anything_loads(tmp_path, capfd, argv, says):
+    """Accuracy and profiles are recorded per dtype, so each command takes only the dtypes the others read."""
+    from family.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--family", str(tmp_path / "nowhere")])
+    assert exit_info.value.code != 0
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error:") and says in err and len(err.splitlines()) == 1

@@ -84,6 +84,34 @@ def test_the_parent_is_never_unfit_and_quality_is_chat_agreement_only():
     assert _member("f-p60", top1_agreement=0.8, chat_agreement=0.6).quality == 0.6
 
 
+def _at(m: MemberRecord, dtype: str, **metrics: float) -> MemberRecord:
+    for metric, value in metrics.items():
+        m.accuracy.append(AccuracyRecord(metric=metric, value=value, data="chat.jsonl", tokens=8, dtype=dtype))
+    return m
+
+
+def test_accuracy_is_read_at_the_dtype_the_member_is_served_at():
+    m = _member("f-p80", chat_agreement=0.9)
+    assert m.quality == 0.9 and m.quality_at("bfloat16") is None  # float32's figure never stands in for bfloat16's
+    _at(m, "bfloat16", chat_agreement=0.85)
+    assert m.quality == 0.9 and m.quality_at("bfloat16") == 0.85 and m.quality_at("float32") == 0.9
+    parent = _member("f-p100", parent=True)
+    assert parent.quality_at("float32") == 1.0 and parent.quality_at("bfloat16") is None  # rounded, it is not itself
+    assert _at(parent, "bfloat16", chat_agreement=0.97).quality_at("bfloat16") == 0.97
+
+
+def test_fitness_at_a_dtype_is_judged_on_its_figures_there_else_on_float32s():
+    loops = _member("f-p60", chat_agreement=0.9, degenerate_answers=0.25)
+    # Never evaluated at bfloat16: float32's verdict holds (a looping member must not become routable on a bf16 worker).
+    assert loops.unfit_reason(FitnessPolicy(), "bfloat16") == "25% degenerate chat answers of 8 prompts (max 0%)"
+    assert _at(loops, "bfloat16", chat_agreement=0.88, degenerate_answers=0.0).unfit_reason(FitnessPolicy(), "bfloat16") is None
+    rounded = _at(_member("f-p80", chat_agreement=0.9, degenerate_answers=0.0), "bfloat16", chat_agreement=0.45, degenerate_answers=0.0)
+    assert rounded.unfit_reason(FitnessPolicy()) is None
+    assert rounded.unfit_reason(FitnessPolicy(), "bfloat16") == "chat agreement 0.450 at bfloat16 < 0.5"
+    parent = _at(_member("f-p100", parent=True), "bfloat16", chat_agreement=0.4)
+    assert parent.unfit_reason(FitnessPolicy()) is None and parent.unfit_reason(FitnessPolicy(), "bfloat16") == "chat agreement 0.400 at bfloat16 < 0.5"
+
+
 def test_a_lenient_policy_keeps_a_member_a_strict_one_does_not():
     m = _member("f-p60", chat_agreement=0.6, degenerate_answers=0.125)
     assert m.unfit_reason(FitnessPolicy(min_chat_agreement=0.5, max_degenerate=0.25)) is None

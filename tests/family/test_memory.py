@@ -55,6 +55,28 @@ def test_probe_at_bf16_weighs_half(tiny_family):
     _check(fam, probe([fam.member_dir("tiny-p100"), fam.member_dir("tiny-p60")], "bfloat16"), "bfloat16")
 
 
+def test_probe_counts_the_kv_cache_at_the_engines_dtype_and_the_decoder_holds_exactly_that(tiny_family):
+    """The torch engine keeps bf16 weights but a float32 KV cache (its CPU attention is slow at bf16):
+    the probe counts the cache at the engine's dtype, and the decoder's cache is that size."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from family import defaults
+    from server.decoder import StaticDecoder
+    from server.layout import plan_layout
+
+    fam = load_family(tiny_family)
+    d = fam.member_dir("tiny-p60")
+    got = probe([d], "bfloat16", kv_dtype=defaults.TORCH_KV_DTYPE)
+    rec = fam.registry.member("tiny-p60")
+    assert got.kv_dtype == "float32" and got.members[str(d)].kv_bytes_per_token == rec.kv_values_per_token * 4
+    assert 0 <= got.members[str(d)].weights_bytes - rec.parameters * 2 < 1024  # the weights stay bf16
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    dec = StaticDecoder(model, plan_layout(model, "bfloat16", "dense", kernel="aten"), max_slots=4, max_len=64, min_width=8)
+    dec.reserve(4, 64)
+    assert dec.cache_bytes() == 4 * 64 * got.members[str(d)].kv_bytes_per_token
+
+
 def test_breakdown_parts_and_which_figure_is_which():
     mem = MemoryBreakdown(dtype="float32", weights_bytes=400, kv_bytes_per_token=3, kv_batch=4, kv_context=10,
                           runtime_bytes=1000, runtime_shared_by=4, worker_peak_rss_bytes=1500)

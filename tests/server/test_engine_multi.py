@@ -285,3 +285,18 @@ def test_the_gateways_in_flight_gauge_is_per_member_of_a_shared_worker(tiny_fami
     gauge = {m: [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                  if line.startswith("family_worker_in_flight{") and f'member="{m}"' in line] for m in members}
     assert gauge == {members[0]: [1.0], members[1]: [0.0]}
+
+
+def test_local_workers_serve_every_member_in_one_process_at_the_asked_dtype(tiny_family, tmp_path):
+    """`family serve --dtype bfloat16`: one torch worker for all members, each served at bf16 (its /health
+    says so, which is what a profile at that dtype records and the router reads accuracy at)."""
+    from server.fleet import LocalWorkers
+
+    fam = load_family(tiny_family)
+    local = LocalWorkers(fam, "torch", DEVICE, log_dir=tmp_path, threads=1, dtype="bfloat16")
+    try:
+        assert len(local.processes) == 1 and {s.member for s in local.specs} == {m.name for m in fam.servable}
+        serving = httpx.get(f"{local.processes[0].url}/health").json()["serving"]
+        assert {name: s["dtype"] for name, s in serving.items()} == {m.name: "bfloat16" for m in fam.servable}
+    finally:
+        local.close()

@@ -188,6 +188,31 @@ def test_idle_routing_ignores_load_but_keeps_the_observed_speed(family):
     assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, live=False).choices  # the static table still fits
 
 
+def test_a_deadline_first_worker_is_predicted_without_queueing_for_requests_with_a_latency_budget(family):
+    """The same loaded worker, 5 requests ahead (the law adds 50 ms of TTFT each): on an engine that
+    serves requests with a latency budget first (server.deadline_scheduling), such a request is predicted
+    as if its member were alone, scaled by what such requests on that worker took against that."""
+    pool = _shared_pool(["f-p100", "f-p80"])
+    p100, p80 = pool.workers
+    p80.running, p80.waiting = 2, 3
+    p100.running = 2
+    assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices  # 150 + 250 ms + siblings
+    for w in pool.workers:
+        w.spec = w.spec.model_copy(update={"deadline_scheduling": True})
+    (choice,) = [c for c in route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"]
+    assert choice.predicted.ttft_s == pytest.approx(0.150) and choice.predicted.tpot_s == pytest.approx(0.020)  # as if alone
+    # Without a latency budget it is served in turn: the prediction still counts the queue and the sibling.
+    plain = [c for c in route(family, pool, Budget(), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"][0]
+    assert plain.predicted.ttft_s > 0.150 + 0.250 and choice.first and not plain.first
+    # Each kind learns from its own observations: the rest waiting longer says nothing of deadline-first requests.
+    for _ in range(10):
+        p80.observe(0.4, 1.2, 0.02, 0.06)  # requests without a budget, 3x slower than predicted
+        p80.observe(0.15, 0.30, 0.02, 0.04, first=True)  # deadline first, 2x
+    again = [c for c in route(family, pool, Budget(max_ttft_ms=600), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"][0]
+    assert p80.ratios() == pytest.approx((3.0, 3.0), rel=0.1) and p80.ratios(first=True) == pytest.approx((2.0, 2.0), rel=0.1)
+    assert again.predicted.ttft_s == pytest.approx(2 * 0.150, rel=0.1) and again.predicted.tpot_s == pytest.approx(2 * 0.020, rel=0.1)
+
+
 def test_unavailable_workers_and_excluded_ones_are_skipped(family):
     pool = _pool({"f-p100": 2, "f-p80": 1})
     a, b = pool.for_member("f-p100")
@@ -284,6 +309,34 @@ def test_a_pinned_unfit_member_is_still_served_with_a_warning(family):
     # A fit member carries no warning, pinned or routed.
     assert route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8, pinned="f-p80").choices[0].warning is None
     assert all(c.warning is None for c in route(family, _pool(ALL), Budget(), prompt_tokens=10, max_tokens=8).choices)
+
+
+def test_a_worker_serving_bfloat16_is_routed_on_the_members_bfloat16_figures(family):
+    """f-p80 keeps 0.9 chat agreement at float32 and 0.84 at bfloat16; a worker of the device class
+    `cpu-bf16` serves it at bfloat16 (its profile there says so): a 0.85 floor fits only the float32 one."""
+    m = family.registry.member("f-p80")
+    m.latency["cpu-bf16"] = m.latency["cpu"].model_copy(update={"device_class": "cpu-bf16", "dtype": "bfloat16"})
+    assert m.serving_dtype("cpu-bf16") == "bfloat16" and m.serving_dtype("cpu") == "float32"
+    specs = [WorkerSpec(url="http://127.0.0.1:9601", member="f-p80", device_class="cpu-bf16"),
+             WorkerSpec(url="http://127.0.0.1:9602", member="f-p80", device_class="cpu")]
+    pool = Pool(specs, None, GatewayMetrics())
+    for w in pool.workers:
+        w.healthy = True
+    bf16_only = {"http://127.0.0.1:9602"}
+    r = route(family, pool, Budget(min_accuracy=0.85), prompt_tokens=10, max_tokens=8, exclude=bf16_only)
+    (verdict,) = [v for v in r.refused if v.member == "f-p80"]
+    assert not r.choices and verdict.detail == "accuracy at bfloat16, its dtype on cpu-bf16, not measured (run family eval --dtype bfloat16)"
+    m.accuracy.append(AccuracyRecord(metric="chat_agreement", value=0.84, data="test", dtype="bfloat16"))
+    r = route(family, pool, Budget(min_accuracy=0.85), prompt_tokens=10, max_tokens=8, exclude=bf16_only)
+    (verdict,) = [v for v in r.refused if v.member == "f-p80"]
+    assert not r.choices and verdict.detail == "accuracy 0.840 < 0.85"
+    (choice,) = route(family, pool, Budget(min_accuracy=0.85), prompt_tokens=10, max_tokens=8).choices
+    assert choice.worker.spec.device_class == "cpu"
+    assert {c.worker.spec.device_class for c in route(family, pool, Budget(min_accuracy=0.8), prompt_tokens=10, max_tokens=8).choices} == {"cpu", "cpu-bf16"}
+    # Unfit at bfloat16 only: never routed there, still routed to the float32 worker.
+    family.registry.fitness = FitnessPolicy(min_chat_agreement=0.85)
+    r = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8)
+    assert [c.worker.spec.device_class for c in r.choices if c.member.name == "f-p80"] == ["cpu"]
 
 
 def _shared_pool(members: list[str], url: str = "http://127.0.0.1:9500") -> Pool:
