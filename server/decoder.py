@@ -80,9 +80,19 @@ class Stage:
 
 
 def _norm(module: nn.Module):
-    """A Llama RMSNorm module as one `F.rms_norm`."""
+    """A Llama RMSNorm module: one `F.rms_norm` at float32; below it, in transformers' own order (normalize
+    in float32, round, then scale by the weight). A fused bf16 norm rounds once where transformers rounds
+    twice, and that alone turned the parent's greedy answer to "Give me three tips for sleeping better."
+    into "1. **1.1.1.1…" at bf16, where transformers' bf16 forward answers as float32 does."""
     weight, eps = module.weight.detach(), module.variance_epsilon
-    return lambda x: F.rms_norm(x, weight.shape, weight, eps)
+    if weight.dtype in (torch.float32, torch.float64):
+        return lambda x: F.rms_norm(x, weight.shape, weight, eps)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    return norm
 
 
 def rotation_of(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -242,6 +242,23 @@ def test_a_bf16_decoder_gives_transformers_bf16_logits(tiny_member_dir):
     assert torch.allclose(step[0], ref[0, -1], atol=0.1, rtol=0.05)
 
 
+def test_a_bf16_decoder_norms_as_transformers_does(tiny_member_dir):
+    """Each RMSNorm at bf16 gives transformers' LlamaRMSNorm exactly (normalized in float32, rounded, then
+    scaled): a fused bf16 norm rounds differently, and on SmolLM2-135M that flipped a greedy answer into a
+    loop."""
+    from server.decoder import _norm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.bfloat16).eval()
+    module = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, model.config.hidden_size).bfloat16() * 3
+    with torch.no_grad():
+        assert torch.equal(_norm(module)(x), module(x))
+        fused = torch.nn.functional.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    assert not torch.equal(fused, module(x))  # the fused form is what this replaced
+
+
 def test_killing_the_shared_worker_process_is_routed_around(tiny_family, tmp_path):
     """A worker process serving two members is SIGKILLed: both members' requests go to the other worker,
     and the gateway marks the dead worker out for each member it served."""
