@@ -92,12 +92,11 @@ def eval_cmd(
     from family.data import read_prompts
     from family.degeneracy import degenerate_reason
     from family.errors import FamilyError
-    from family.registry import AccuracyRecord, FitnessPolicy, load_family
+    from family.registry import AccuracyRecord, FitnessPolicy, check_dtype, load_family
     from family.storage import atomic_write_text, sha256_file
     from plrd.data import read_source, tokenize
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    check_dtype(dtype)
     fam = load_family(family_dir)
     names = _selected(fam, member)
     parent_name = fam.registry.parent
@@ -242,15 +241,14 @@ def profile(
     from family.errors import FamilyError
     from family.memory import measure_memory
     from family.profile import Shape, WorkerProcess, profile_worker
-    from family.registry import LatencyProfile, MemoryBreakdown, load_family
+    from family.registry import LatencyProfile, MemoryBreakdown, check_dtype, load_family
     from plrd.data import read_source, tokenize
 
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")
     if endpoint not in ("chat", "completions"):
         raise FamilyError(f"--endpoint must be chat or completions, got {endpoint!r}")
-    if dtype not in ("float32", "bfloat16", "float16"):  # a profile is recorded at one known dtype (routing reads accuracy there)
-        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    check_dtype(dtype)  # a profile is recorded at one known dtype (routing reads accuracy there)
     shapes = [Shape(p, o, c) for c in _ints(concurrency, "--concurrency") for p in _ints(prompt_tokens, "--prompt-tokens")
               for o in _ints(output_tokens, "--output-tokens")]
     if len(shapes) < 2:

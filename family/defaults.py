@@ -86,10 +86,10 @@ MAX_MODEL_LEN = 2048
 # at this batch (the torch worker's --max-batch) and this context per row (a chat turn: a prompt of a
 # few hundred tokens and DEFAULT_MAX_TOKENS out); `family profile --kv-batch/--kv-context` override it.
 SERVING_BATCH = 16
-# The torch engine's KV cache and attention dtype, whatever its weights' (server/decoder.py): torch's
-# CPU attention at bf16 took 6-10x float32's time at decode shapes. vLLM caches at the model's dtype.
-TORCH_KV_DTYPE = "float32"
 KV_CONTEXT = 512
+# The torch engine's KV cache and attention dtype, whatever its weights' (server/decoder.py): torch's
+# CPU attention at bf16 took 5-10x float32's time at decode shapes. vLLM caches at the model's dtype.
+TORCH_KV_DTYPE = "float32"
 
 # Device classes never profiled (issue 11): a latency profile is predicted from the device's memory
 # bandwidth and compute (published specs in family/devices.py, or measured by `family profile`) and

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from family.errors import FamilyError
+from family.registry import DTYPE_BYTES
 
 PROBE_TOKENS = 8  # tokens of the forward pass whose cache is weighed
 
@@ -42,7 +43,7 @@ class MemoryProbe:
     runtime_bytes: int
     dtype: str
     members: dict[str, MemberMemory]  # by member folder, as given
-    kv_dtype: str = ""  # the KV cache's dtype ("" = dtype)
+    kv_dtype: str  # the KV cache's dtype, as the engine stores it
 
 
 def _rss() -> int:
@@ -87,8 +88,7 @@ def probe(member_dirs: list[Path], dtype: str = "float32", threads: int | None =
         ids = torch.arange(PROBE_TOKENS, dtype=torch.long).unsqueeze(0) % model.config.vocab_size
         with torch.no_grad():
             cache = model(input_ids=ids, use_cache=True).past_key_values
-        per_value = torch.empty(0, dtype=getattr(torch, kv_dtype or dtype)).element_size()
-        kv = sum(t.numel() * per_value for t in _cache_tensors(cache))
+        kv = sum(t.numel() for t in _cache_tensors(cache)) * DTYPE_BYTES[kv_dtype or dtype]
         members[str(member_dir)] = MemberMemory(weights_bytes=sum(storages.values()), weights_rss_bytes=weights_rss,
                                                 kv_bytes_per_token=kv // PROBE_TOKENS)
         del model, cache

@@ -38,9 +38,17 @@ from family.errors import FamilyError
 from family.storage import atomic_write_text, sha256_file
 
 SCHEMA_VERSION = 1
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the serving dtypes figures are recorded at
 WEIGHT_SUFFIXES = (".safetensors",)
 Verify = Literal["none", "fast", "full"]
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` when figures can be recorded at it (DTYPE_BYTES); else a FamilyError for `--dtype`."""
+    if dtype not in DTYPE_BYTES:
+        *rest, last = DTYPE_BYTES
+        raise FamilyError(f"--dtype must be {', '.join(rest)} or {last}, got {dtype!r}")
+    return dtype
 
 
 def now_iso() -> str:

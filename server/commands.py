@@ -148,7 +148,7 @@ def serve(
     import uvicorn
 
     from family.errors import FamilyError
-    from family.registry import load_family
+    from family.registry import check_dtype, load_family
     from server.auth import Auth
     from server.fleet import LocalWorkers, load_fleet
     from server.gateway import create_app
@@ -158,8 +158,7 @@ def serve(
     from server.state import open_state
     from server.tracing import tracer_provider
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise FamilyError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    check_dtype(dtype)
     fam = load_family(family_dir)
     for name, why in fam.problems.items():
         typer.echo(f"refusing member {name}: {why}", err=True)

@@ -12,9 +12,9 @@ prefills their prompts together, sampling each one's first token, and (2) decode
 running row of that member in one batched forward, then (3) drops the rows that finished (eos, stop
 string, max_tokens, client gone), moving the last row into the freed slot so running rows stay in
 slots 0..n-1. A member with work gets one step per round, so two busy members share the machine
-step for step and an idle one costs nothing; requests that carry a deadline (a caller's latency
-budget) go first, and the rest wait up to a bound (server.deadline_scheduling). A request arriving mid-generation starts at its member's
-next step. Each row samples with its own parameters and generator (seeded requests repeat). Tokens go
+step for step and an idle one costs nothing; requests that would miss their deadline (a caller's
+latency budget) go first, and the rest wait up to a bound (server.deadline_scheduling). A request
+arriving mid-generation starts at its member's next step. Each row samples with its own parameters and generator (seeded requests repeat). Tokens go
 to each request's asyncio queue as produced (streaming is token by token). A bounded waiting queue per
 member makes overload a fast 429.
 """

@@ -97,18 +97,15 @@ class WorkerState:
     def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None,
                 first: bool = False) -> None:
         """Fold one request's observed/predicted times into the ratios (`first`: it was served deadline first)."""
+        ttft_ratio, tpot_ratio = self.ratios(first)
         if predicted_ttft and ttft is not None:
-            r = _clamp((1 - EWMA) * self.ratios(first)[0] + EWMA * ttft / predicted_ttft)
-            if first:
-                self.first_ttft_ratio = r
-            else:
-                self.ttft_ratio = r
+            ttft_ratio = _clamp((1 - EWMA) * ttft_ratio + EWMA * ttft / predicted_ttft)
         if predicted_tpot and tpot is not None:
-            r = _clamp((1 - EWMA) * self.ratios(first)[1] + EWMA * tpot / predicted_tpot)
-            if first:
-                self.first_tpot_ratio = r
-            else:
-                self.tpot_ratio = r
+            tpot_ratio = _clamp((1 - EWMA) * tpot_ratio + EWMA * tpot / predicted_tpot)
+        if first:
+            self.first_ttft_ratio, self.first_tpot_ratio = ttft_ratio, tpot_ratio
+        else:
+            self.ttft_ratio, self.tpot_ratio = ttft_ratio, tpot_ratio
 
     def ratios(self, first: bool = False) -> tuple[float, float]:
         """(TTFT, TPOT) observed/predicted, for requests served deadline first or the rest."""

@@ -86,32 +86,24 @@ def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
 
 
 def _predict(family: Family, pool: Pool, m: MemberRecord, w: WorkerState, prompt_tokens: int, max_tokens: int, live: bool,
-             cached: int = 0, idle: bool = False, urgent: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
+             cached: int = 0, idle: bool = False, first: bool = False) -> tuple[LatencyPrediction | None, LatencyPrediction | None]:
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
     skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts).
     Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker),
-    except for an `urgent` request (one with a latency budget) on a worker that serves those first: it
-    neither waits for other prompts' prefills nor for siblings' steps (server.deadline_scheduling), so it
-    is predicted as the member alone, scaled by the ratios that such requests on that worker teach."""
-    concurrency = w.load() + 1 if live and not idle else 1
+    except for a request the worker serves deadline `first` (server.deadline_scheduling): it waits for no
+    queued prompt and no sibling, so its baseline is the member alone, scaled by the ratios such
+    requests on that worker teach."""
+    concurrency = w.load() + 1 if live and not idle and not first else 1
     uncached = max(1, prompt_tokens - cached) if cached and w.spec.prefix_caching else prompt_tokens
-    if urgent and live and not idle and w.spec.deadline_scheduling:
-        # Served first when it would otherwise be late, it waits for no queued prompt and no sibling: the
-        # member alone, scaled by what deadline-first requests on this worker took against that.
-        base = predict_latency(m, w.spec.device_class, uncached, max_tokens, 1, family.registry.devices)
-        if base is None:
-            return None, None
-        ttft_ratio, tpot_ratio = w.ratios(first=True)
-        ttft, tpot = base.ttft_s * ttft_ratio, base.tpot_s * tpot_ratio
-        return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
     base = predict_latency(m, w.spec.device_class, uncached, max_tokens, concurrency, family.registry.devices)  # measured, else predicted
     if base is None or not live:
         return base, base
-    if not idle and (shared := siblings_step_s(family, pool, w, prompt_tokens, max_tokens)):
+    if not idle and not first and (shared := siblings_step_s(family, pool, w, prompt_tokens, max_tokens)):
         ttft, tpot = base.ttft_s + shared, base.tpot_s + shared
         base = LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
-    ttft, tpot = base.ttft_s * w.ttft_ratio, base.tpot_s * w.tpot_ratio
+    ttft_ratio, tpot_ratio = w.ratios(first)
+    ttft, tpot = base.ttft_s * ttft_ratio, base.tpot_s * tpot_ratio
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
 
 
@@ -162,18 +154,18 @@ def route(
         best_verdict = None
         for w in workers:
             dtype = m.serving_dtype(w.spec.device_class, devices)  # its accuracy and fitness are those at this dtype
+            first = urgent and live and not idle and w.spec.deadline_scheduling  # served deadline first there
             unfit = m.unfit_reason(policy, dtype)
             if unfit and not pinned:  # whatever the budget: never routed to, not even as best effort
                 verdict = Verdict(m.name, "unfit", unfit, float("inf"))
             else:
                 verdict = _static_verdict(m, w, budget, p, max_tokens, devices)
             pred, base = _predict(family, pool, m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0),
-                                  idle, urgent) if verdict is None else (None, None)
+                                  idle, first) if verdict is None else (None, None)
             verdict = verdict or _latency_verdict(m, pred, budget)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
-                choice = Choice(m, w, pred, base, "pinned" if pinned else "best", _unfit_warning(m, unfit),
-                                first=urgent and live and not idle and w.spec.deadline_scheduling)
+                choice = Choice(m, w, pred, base, "pinned" if pinned else "best", _unfit_warning(m, unfit), first)
                 fits.append((rank_key(m, dtype), e2e, choice))
             elif best_verdict is None or verdict.violation < best_verdict.violation:
                 best_verdict = verdict
