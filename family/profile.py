@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -66,8 +67,20 @@ def wait_healthy(url: str, timeout: float = 300.0, proc: subprocess.Popen | None
     raise FamilyError(f"{what} not ready after {timeout:.0f} s")
 
 
+def _end_with_parent() -> None:
+    """Run in the worker between fork and exec (Linux): the kernel sends it SIGTERM when the process
+    that started it dies, however it dies. A gateway or profiler killed with SIGKILL (an OOM kill, a
+    container runtime, `kill -9`) runs no cleanup, and its worker would otherwise keep its port, its
+    memory and its cores until someone finds it. The setting survives exec (vLLM's worker execs)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class WorkerProcess:
-    """`family worker` in a subprocess, with its peak memory sampled in the background."""
+    """`family worker` in a subprocess, with its peak memory sampled in the background. The worker ends
+    with the *thread* that starts it (Linux: PR_SET_PDEATHSIG), so start it from the main thread."""
 
     def __init__(self, member_dir: Path | list[Path], name: str | list[str], engine: str, *, dtype: str = "float32",
                  log: Path | None = None, ready_timeout: float | None = 600.0, threads: int | None = None):
@@ -87,7 +100,8 @@ class WorkerProcess:
         self.command = [sys.executable, "-m", "family.cli", "worker", *members, "--engine", engine, "--port", str(self.port), "--dtype", dtype,
                         *(["--threads", str(threads)] if threads else [])]
         out = open(log, "ab") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                     preexec_fn=_end_with_parent if sys.platform == "linux" else None)
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample_memory, daemon=True).start()

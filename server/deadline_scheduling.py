@@ -9,8 +9,9 @@ little; requests with one cannot.
 
 Two sides, one module: what the gateway sends (`with_deadline`) and what the engine does with it
 (`steps`, `pressing_first`, `admit_order`, `admissible`). On a worker that schedules this way (its
-fleet entry says `deadline_scheduling`; local torch workers do) the router predicts such a request as
-if the member were alone, scaled by the ratios it learns from those requests alone (server.router).
+fleet entry says `deadline_scheduling`; local torch workers do) the router predicts such a request
+behind the other such requests in flight there only, scaled by the ratios it learns from those
+requests alone (server.router).
 
 The gateway says how long a request may take (`x-family-deadline-ms`, what is left of the budget's
 `max_latency_ms`, else of its `max_ttft_ms`); the worker turns it into a deadline. A request is

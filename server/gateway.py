@@ -176,6 +176,7 @@ class Gateway:
                 self.metrics.fallbacks.labels(first_member, choice.member.name).inc()
             self.metrics.routing.labels(choice.member.name, choice.reason).inc()
             w = choice.worker
+            self.relay.enter(choice)
             tried.add(w.name)
             payload["model"] = choice.member.name
             start = time.perf_counter()
@@ -224,7 +225,7 @@ class Gateway:
                 if not released:
                     if upstream is not None:
                         upstream.release()
-                    self.relay.leave(w)
+                    self.relay.leave(choice)
         if stalled is not None:
             raise no_first_token_error(sorted(tried), stalled.deadline_s)
         if retry_after is not None:

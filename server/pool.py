@@ -14,7 +14,10 @@ STRIKE_WINDOW_S put it in cooldown. A request that fails on two workers strikes 
 (server.isolation). Load: running and waiting requests read from the worker's
 /metrics (vLLM's names, which both engines expose), plus the gateway's own in-flight count. Speed:
 an EWMA of observed/predicted time to first token and time per token, which corrects the registry's
-latency model for what this worker is doing right now.
+latency model for what this worker is doing right now. It fades back towards 1 (the registry's own
+figure) with a half-life of RATIO_HALF_LIFE_S while nothing is observed: a worker judged too slow
+gets no traffic, so without fading nothing would ever show it is fast again (a load test shed every
+tight request for the rest of its run once a burst had raised the ratio).
 """
 
 from __future__ import annotations
@@ -38,12 +41,39 @@ log = logging.getLogger("server.pool")
 _GAUGE = re.compile(r'^(vllm:num_requests_(?:running|waiting))\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
 _MODEL = re.compile(r'model_name="([^"]*)"')
 EWMA = 0.3
+RATIO_HALF_LIFE_S = 10.0  # an observed ratio's excess over 1 halves in this long without new observations
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 FAILED_CHECKS = 2
 STRIKES = 3  # HTTP 5xx on this many different requests that other workers served ...
 STRIKE_WINDOW_S = 60.0  # ... within this long: the worker is at fault, not the requests
 # What a dead, unreachable, slow or misbehaving upstream raises (aiohttp's timeouts are asyncio's too).
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ValueError)
+
+
+@dataclass
+class Speed:
+    """Observed / predicted TTFT and TPOT of one kind of request on one worker."""
+
+    ttft: float = 1.0
+    tpot: float = 1.0
+    at: float | None = None  # when last observed (time.monotonic); None: never, nothing to fade
+
+    def ratios(self, now: float | None = None) -> tuple[float, float]:
+        """The ratios now: their excess over 1 halves every RATIO_HALF_LIFE_S since the last observation."""
+        if self.at is None:
+            return self.ttft, self.tpot
+        fade = 0.5 ** (max(0.0, (time.monotonic() if now is None else now) - self.at) / RATIO_HALF_LIFE_S)
+        return 1 + (self.ttft - 1) * fade, 1 + (self.tpot - 1) * fade
+
+    def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None,
+                now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.ttft, self.tpot = self.ratios(now)
+        if predicted_ttft and ttft is not None:
+            self.ttft = _clamp((1 - EWMA) * self.ttft + EWMA * ttft / predicted_ttft)
+        if predicted_tpot and tpot is not None:
+            self.tpot = _clamp((1 - EWMA) * self.tpot + EWMA * tpot / predicted_tpot)
+        self.at = now
 
 
 @dataclass
@@ -56,12 +86,11 @@ class WorkerState:
     running: float = 0.0
     waiting: float = 0.0
     in_flight: int = 0
-    ttft_ratio: float = 1.0  # observed / predicted
-    tpot_ratio: float = 1.0
-    # The same for requests it serves deadline first (server.deadline_scheduling): they wait for no one,
-    # the rest wait for them, so one ratio for both would mislead the predictions of each.
-    first_ttft_ratio: float = 1.0
-    first_tpot_ratio: float = 1.0
+    first_in_flight: int = 0  # of those, served deadline first (server.deadline_scheduling): the ones such a request waits for
+    speed: Speed = field(default_factory=Speed)
+    # The same for requests it serves deadline first: they wait for no one, the rest wait for them, so
+    # one ratio for both would mislead the predictions of each.
+    first_speed: Speed = field(default_factory=Speed)
     last_error: str | None = None
     strikes: list[float] = field(default_factory=list)  # when it failed a request another worker served
     cooldowns: int = 0  # times put in cooldown (read by the hostile-input scenario)
@@ -97,27 +126,20 @@ class WorkerState:
     def observe(self, predicted_ttft: float | None, ttft: float | None, predicted_tpot: float | None, tpot: float | None,
                 first: bool = False) -> None:
         """Fold one request's observed/predicted times into the ratios (`first`: it was served deadline first)."""
-        ttft_ratio, tpot_ratio = self.ratios(first)
-        if predicted_ttft and ttft is not None:
-            ttft_ratio = _clamp((1 - EWMA) * ttft_ratio + EWMA * ttft / predicted_ttft)
-        if predicted_tpot and tpot is not None:
-            tpot_ratio = _clamp((1 - EWMA) * tpot_ratio + EWMA * tpot / predicted_tpot)
-        if first:
-            self.first_ttft_ratio, self.first_tpot_ratio = ttft_ratio, tpot_ratio
-        else:
-            self.ttft_ratio, self.tpot_ratio = ttft_ratio, tpot_ratio
+        (self.first_speed if first else self.speed).observe(predicted_ttft, ttft, predicted_tpot, tpot)
 
     def ratios(self, first: bool = False) -> tuple[float, float]:
-        """(TTFT, TPOT) observed/predicted, for requests served deadline first or the rest."""
-        return (self.first_ttft_ratio, self.first_tpot_ratio) if first else (self.ttft_ratio, self.tpot_ratio)
+        """(TTFT, TPOT) observed/predicted now, for requests served deadline first or the rest."""
+        return (self.first_speed if first else self.speed).ratios()
 
     def public(self) -> dict:
+        (ttft_ratio, tpot_ratio), (first_ttft, first_tpot) = self.ratios(), self.ratios(first=True)
         return {
             "url": self.name, "member": self.spec.member, "device_class": self.spec.device_class,
             "healthy": self.healthy, "in_cooldown": time.monotonic() < self.cooldown_until, "running": self.running,
-            "waiting": self.waiting, "in_flight": self.in_flight, "ttft_ratio": round(self.ttft_ratio, 3),
-            "tpot_ratio": round(self.tpot_ratio, 3), "first_ttft_ratio": round(self.first_ttft_ratio, 3),
-            "first_tpot_ratio": round(self.first_tpot_ratio, 3), "last_error": self.last_error,
+            "waiting": self.waiting, "in_flight": self.in_flight, "first_in_flight": self.first_in_flight,
+            "ttft_ratio": round(ttft_ratio, 3), "tpot_ratio": round(tpot_ratio, 3), "first_ttft_ratio": round(first_ttft, 3),
+            "first_tpot_ratio": round(first_tpot, 3), "last_error": self.last_error,
             "strikes": len(self.strikes), "cooldowns": self.cooldowns,
         }
 

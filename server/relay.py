@@ -42,8 +42,14 @@ class Relay:
             self.metrics.budget_misses.labels(member, name).inc()
         self.metrics.goodput.labels(budget_class(budget), "missed" if missed else "met").inc()
 
-    def leave(self, w: WorkerState) -> None:
-        self.admission.release(w)  # wakes the first waiter (by priority) that can use the slot
+    def enter(self, choice: Choice) -> None:
+        """The request goes to `choice`'s worker (its slot is already taken): counted among the requests
+        that worker serves deadline first, if it is one (server.router predicts those by that count)."""
+        choice.worker.first_in_flight += choice.first
+
+    def leave(self, choice: Choice) -> None:
+        choice.worker.first_in_flight -= choice.first
+        self.admission.release(choice.worker)  # wakes the first waiter (by priority) that can use the slot
 
     def stalled(self, choice: Choice, deadline_s: float) -> None:
         """An attempt with no first token by its deadline: counted, and fed to the worker's observed TTFT
@@ -114,7 +120,7 @@ class Relay:
                 upstream.release()
             else:  # unfinished (worker died or the caller went away): drop the connection
                 upstream.close()
-            self.leave(w)
+            self.leave(choice)
             e2e = time.perf_counter() - start
             self.metrics.e2e.labels(member).observe(e2e)
             self.metrics.requests.labels(member, w.name, outcome if done or outcome != "ok" else "cancelled").inc()

@@ -9,7 +9,8 @@ of them, routed traffic skips a member that is unfit under the family's fitness 
 chat answers, chat agreement under the family's floor; issue 10), best effort included; a request pinned to it is still served, with a
 warning on its Choice. For each of its available workers, latency is predicted from the
 registry's latency model for that device class, at the worker's current load, and scaled by what
-the gateway has observed of that worker (EWMA of observed/predicted), plus one step of each busy
+the gateway has observed of that worker (EWMA of observed/predicted, fading back to 1 while
+nothing is observed: server.pool), plus one step of each busy
 member that shares its worker process (server.shared_worker). On a device class where the
 member was never profiled, the model is predicted from the device's bandwidth and the member's bytes
 (family/devices.py, marked `predicted`) until `family profile` measures it; a member on a device class
@@ -90,16 +91,17 @@ def _predict(family: Family, pool: Pool, m: MemberRecord, w: WorkerState, prompt
     """(the prediction to route by, the registry's baseline it scales). `cached`: prompt tokens this
     worker likely holds in its prefix cache (server.affinity); only a worker that caches prefixes
     skips their prefill. `idle`: live, but as if the worker had no load (its observed speed still counts).
-    Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker),
-    except for a request the worker serves deadline `first` (server.deadline_scheduling): it waits for no
-    queued prompt and no sibling, so its baseline is the member alone, scaled by the ratios such
-    requests on that worker teach."""
-    concurrency = w.load() + 1 if live and not idle and not first else 1
+    Live and loaded, the baseline includes one step of each busy member sharing the worker (server.shared_worker).
+    A request the worker serves deadline `first` (server.deadline_scheduling) waits only for the other
+    such requests: its baseline counts those alone (the member's and its siblings' deadline-first
+    requests in flight, which the gateway knows the moment they start and end, so a burst of them
+    raises the prediction only while it lasts), scaled by the ratios such requests on that worker teach."""
+    load = (w.first_in_flight if first else w.load()) if live and not idle else 0
     uncached = max(1, prompt_tokens - cached) if cached and w.spec.prefix_caching else prompt_tokens
-    base = predict_latency(m, w.spec.device_class, uncached, max_tokens, concurrency, family.registry.devices)  # measured, else predicted
+    base = predict_latency(m, w.spec.device_class, uncached, max_tokens, load + 1, family.registry.devices)  # measured, else predicted
     if base is None or not live:
         return base, base
-    if not idle and not first and (shared := siblings_step_s(family, pool, w, prompt_tokens, max_tokens)):
+    if not idle and (shared := siblings_step_s(family, pool, w, prompt_tokens, max_tokens, first)):
         ttft, tpot = base.ttft_s + shared, base.tpot_s + shared
         base = LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1))
     ttft_ratio, tpot_ratio = w.ratios(first)

@@ -20,11 +20,13 @@ from family.registry import Family
 from server.pool import Pool, WorkerState
 
 
-def siblings_step_s(family: Family, pool: Pool, w: WorkerState, prompt_tokens: int, max_tokens: int) -> float:
-    """Seconds that the other busy members of `w`'s worker add to each of its steps."""
+def siblings_step_s(family: Family, pool: Pool, w: WorkerState, prompt_tokens: int, max_tokens: int, first: bool = False) -> float:
+    """Seconds that the other busy members of `w`'s worker add to each of its steps. `first`: for a
+    request served deadline first (server.deadline_scheduling), whose rounds hold only the members
+    with such requests, at their count of them."""
     total = 0.0
     for s in pool.siblings(w):
-        load = s.load()
+        load = s.first_in_flight if first else s.load()
         if load <= 0:
             continue
         pred = predict_latency(family.registry.member(s.spec.member), s.spec.device_class, prompt_tokens, max_tokens, load,

@@ -3,6 +3,10 @@ over HTTP only, stopped with its whole process tree afterwards."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import httpx
 import psutil
 import pytest
@@ -57,6 +61,34 @@ def test_stop_ends_the_worker_tree(tiny_parent_dir):
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{w.url}/health", timeout=2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_ends_when_the_process_that_started_it_is_killed(tiny_parent_dir):
+    """A gateway killed with SIGKILL runs no cleanup: its worker must not outlive it."""
+    script = ("import time; from family.profile import WorkerProcess; "
+              f"w = WorkerProcess({str(tiny_parent_dir)!r}, 'tiny', 'torch', ready_timeout=300); "
+              "print(w.proc.pid, w.url, flush=True); time.sleep(600)")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, url = starter.stdout.readline().split()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        starter.kill()
+        starter.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while _running(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(int(pid)), "the worker outlived the process that started it"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=2)
 
 
 def test_a_worker_that_cannot_start_is_a_family_error(tmp_path):

@@ -150,7 +150,9 @@ def test_a_member_holding_a_pressing_request_has_the_engine_to_itself(tiny_paren
 
 def test_the_gateway_passes_a_latency_budget_to_the_worker_as_a_deadline(tmp_path):
     """Through the gateway to a real worker: a routed request with `max_latency_ms` reaches the engine with
-    a deadline that far ahead (less what the gateway spent), one without a latency budget with none."""
+    a deadline that far ahead (less what the gateway spent), one without a latency budget with none. On a
+    worker that schedules by deadline, the gateway counts such requests while they run (the router
+    predicts the next one by that count) and forgets them when they end."""
     from family.registry import load_family
     from loadtests.tinyfamily import build_tiny_family
     from server.fleet import WorkerSpec
@@ -158,20 +160,27 @@ def test_the_gateway_passes_a_latency_budget_to_the_worker_as_a_deadline(tmp_pat
 
     fam = load_family(build_tiny_family(tmp_path / "fam", "test-cpu"))
     worker = create_app(fam.member_dir("tiny-p60"), "tiny-p60", max_model_len=256, max_batch=4)
-    engine, seen = worker.state.engine, []
+    engine, seen, counted, gateway = worker.state.engine, [], [], []
     submit = engine.submit
+
+    def first_in_flight() -> int:
+        return httpx.get(f"{gateway[0]}/v1/family", timeout=10).json()["workers"][0]["first_in_flight"]
 
     def recording(member, req):
         seen.append(None if req.deadline is None else req.deadline - req.arrived)
+        counted.append(first_in_flight())
         return submit(member, req)
 
     engine.submit = recording
-    with serve(worker) as url, serve(create_gateway(fam, [WorkerSpec(url=url, member="tiny-p60", device_class="test-cpu")],
-                                                    health_interval=0.3)) as gw:
+    spec = WorkerSpec(url="http://127.0.0.1:1", member="tiny-p60", device_class="test-cpu", deadline_scheduling=True)
+    with serve(worker) as url, serve(create_gateway(fam, [spec.model_copy(update={"url": url})], health_interval=0.3)) as gw:
+        gateway.append(gw)
         client = openai.OpenAI(base_url=f"{gw}/v1", api_key="none", max_retries=0)
         for budget in ({"max_latency_ms": 60000}, {"max_ttft_ms": 30000}, {}):
             client.completions.create(model="tiny-p60", prompt="Rivers", max_tokens=4, extra_body={"budget": budget} if budget else None)
+        after = first_in_flight()
     assert 59.0 < seen[0] <= 60.0 and 29.0 < seen[1] <= 30.0 and seen[2] is None
+    assert counted == [1, 1, 0] and after == 0
 
 
 def test_pressing_rows_decode_alone_and_every_row_keeps_its_own_tokens(tiny_member_dir):

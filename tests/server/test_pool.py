@@ -16,7 +16,7 @@ from server.auth import Auth
 from server.errors import APIError
 from server.fleet import WorkerSpec, load_fleet
 from server.metrics import GatewayMetrics
-from server.pool import Pool
+from server.pool import EWMA, RATIO_HALF_LIFE_S, Pool, Speed
 from server.worker_torch import create_app as create_worker
 from tests.server.conftest import free_port, serve
 from tests.server.gateway_fixtures import tiny_family  # noqa: F401  (fixture)
@@ -155,3 +155,15 @@ def test_keys_file_rate_limits_and_admin(tmp_path):
         path.write_text(bad)
         with pytest.raises(FamilyError, match="invalid"):
             Auth.from_file(path)
+
+
+def test_an_observed_ratio_fades_back_to_the_registry_figure_while_nothing_is_observed():
+    speed = Speed()
+    for _ in range(30):  # answers 3x slower than predicted
+        speed.observe(0.1, 0.3, 0.01, 0.03, now=100.0)
+    assert speed.ratios(now=100.0) == pytest.approx((3.0, 3.0), rel=0.01)
+    assert speed.ratios(now=100.0 + RATIO_HALF_LIFE_S) == pytest.approx((2.0, 2.0), rel=0.01)  # the excess halves
+    assert speed.ratios(now=100.0 + 20 * RATIO_HALF_LIFE_S) == pytest.approx((1.0, 1.0), abs=1e-3)
+    # A new observation folds into what the ratio has faded to, not into the old figure.
+    speed.observe(0.1, 0.1, 0.01, 0.01, now=100.0 + RATIO_HALF_LIFE_S)
+    assert speed.ratios(now=100.0 + RATIO_HALF_LIFE_S)[0] == pytest.approx((1 - EWMA) * 2.0 + EWMA * 1.0, rel=0.01)

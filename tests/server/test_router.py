@@ -5,6 +5,7 @@ No HTTP here: the router is a pure function of the registry, the pool's live sta
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from family.latency import predict_latency
 from family.registry import AccuracyRecord, DeviceRecord, Family, FamilyRegistry, FitnessPolicy, LatencyProfile, MemberRecord, MemoryBreakdown
 from server.fleet import WorkerSpec
 from server.metrics import GatewayMetrics
-from server.pool import Pool
+from server.pool import RATIO_HALF_LIFE_S, Pool, Speed
 from server.protocol import Budget
 from server.router import best_effort, no_fit_error, route
 
@@ -166,12 +167,25 @@ def test_observed_slowness_corrects_the_prediction(family):
     slow, fast = pool.for_member("f-p80")
     for _ in range(10):  # this worker keeps answering 3x slower than the registry predicts
         slow.observe(0.150, 0.450, 0.020, 0.060)
-    assert slow.ttft_ratio == pytest.approx(3.0, rel=0.1) and slow.tpot_ratio == pytest.approx(3.0, rel=0.1)
+    assert slow.ratios() == pytest.approx((3.0, 3.0), rel=0.1)
     r = route(family, pool, Budget(), prompt_tokens=10, max_tokens=8)
     assert r.choices[0].worker is fast
     assert r.choices[1].predicted.ttft_s == pytest.approx(3 * r.choices[0].predicted.ttft_s, rel=0.1)
-    fast.ttft_ratio = 3.0
+    fast.speed = Speed(ttft=3.0)
     assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
+
+
+def test_a_worker_judged_too_slow_is_tried_again_once_its_observed_ratio_fades(family):
+    """Too slow for a budget, a worker gets no traffic, so nothing new is observed of it: its ratio's
+    excess over 1 halves every RATIO_HALF_LIFE_S, and once the prediction fits again it is tried again
+    (a burst of slow answers does not shut it out of tight budgets for good)."""
+    pool = _pool({"f-p80": 1})
+    [w] = pool.for_member("f-p80")
+    now = time.monotonic()
+    w.speed = Speed(ttft=3.0, at=now)  # 450 ms against 300: just observed, too slow
+    assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
+    w.speed = Speed(ttft=3.0, at=now - 2 * RATIO_HALF_LIFE_S)  # nothing seen since: 1 + 2/4, 225 ms
+    assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
 
 
 def test_idle_routing_ignores_load_but_keeps_the_observed_speed(family):
@@ -183,7 +197,7 @@ def test_idle_routing_ignores_load_but_keeps_the_observed_speed(family):
     w.running, w.waiting = 2, 3  # +5 queued → ttft 150 + 250 ms
     assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices
     assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, idle=True).choices  # only load stands in the way
-    w.ttft_ratio = 3.0  # and now it is slower than its profile: 450 ms even idle
+    w.speed = Speed(ttft=3.0)  # and now it is slower than its profile: 450 ms even idle
     assert not route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, idle=True).choices
     assert route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8, live=False).choices  # the static table still fits
 
@@ -201,6 +215,11 @@ def test_a_deadline_first_worker_is_predicted_without_queueing_for_requests_with
         w.spec = w.spec.model_copy(update={"deadline_scheduling": True})
     (choice,) = [c for c in route(family, pool, Budget(max_ttft_ms=300), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"]
     assert choice.predicted.ttft_s == pytest.approx(0.150) and choice.predicted.tpot_s == pytest.approx(0.020)  # as if alone
+    # ... but for the other requests served deadline first: its member's (2, +50 ms each) and its sibling's (one step of 40 ms).
+    p80.first_in_flight, p100.first_in_flight = 2, 1
+    (busy,) = [c for c in route(family, pool, Budget(max_ttft_ms=600), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"]
+    assert busy.predicted.ttft_s == pytest.approx(0.150 + 0.100 + 0.040) and busy.predicted.tpot_s == pytest.approx(0.020 + 0.040)
+    p80.first_in_flight = p100.first_in_flight = 0
     # Without a latency budget it is served in turn: the prediction still counts the queue and the sibling.
     plain = [c for c in route(family, pool, Budget(), prompt_tokens=10, max_tokens=8).choices if c.member.name == "f-p80"][0]
     assert plain.predicted.ttft_s > 0.150 + 0.250 and choice.first and not plain.first
