@@ -109,7 +109,9 @@ class Member:
         self.decoder = StaticDecoder(model, self.layout, max_slots=max_batch, max_len=max_model_len)
         del model
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=max_waiting)  # submitted, not yet seen by the scheduler
+        # submitted, not yet seen by the scheduler; bounded together with `pending` by max_waiting (TorchEngine.submit,
+        # on the event loop, the only producer: the scheduler only takes, so the check cannot go stale)
+        self.waiting: queue.Queue[GenRequest] = queue.Queue()
         self.pending: list[GenRequest] = []  # seen by the scheduler, not yet admitted (owned by its thread)
         self.rows: list[GenRequest] = []  # rows[i] decodes in cache slot i
         self.step_s = 0.0  # seconds a step of all its rows takes (prefill included; moving average): the pace of a round
@@ -214,10 +216,7 @@ class TorchEngine:
         req.events = asyncio.Queue()
         if m.queued() >= m.max_waiting:
             raise QueueFull
-        try:
-            m.waiting.put_nowait(req)
-        except queue.Full:
-            raise QueueFull from None
+        m.waiting.put_nowait(req)
         m.stats.waiting = m.queued()
         self._wake.set()
 
