@@ -228,20 +228,21 @@ def profile(
 ) -> None:
     """Measure TTFT, time per output token, throughput and serving memory through the serving engine.
 
-    Each member is served by `family worker --engine E` in a subprocess, measured over HTTP, and
-    stopped; its memory is measured in parts in a fresh process (runtime, weights at the serving dtype,
-    KV cache per token; family/memory.py); its profile (samples, memory, fitted latency model) is
-    saved before the next one, replacing any prediction for this device class. First, the device
+    The members are served by `family worker --engine E` in a subprocess as `family serve` runs them
+    (torch: one worker for all, measured interleaved, so that every member sees the same drift of a
+    shared machine; vLLM: one worker per member, in turn), measured over HTTP, and stopped; memory is
+    measured in parts in a fresh process (runtime, weights at the serving dtype, KV cache per token;
+    family/memory.py). Each worker's members' profiles (samples, memory, fitted latency model) are
+    saved when it is done, replacing any prediction for this device class. First, the device
     class's memory bandwidth is measured (family/bandwidth.py) and recorded in the registry.
     """
     from transformers import AutoTokenizer
 
-    from family import latency
     from family.bandwidth import measure_device, roofline_tok_s
     from family.errors import FamilyError
     from family.memory import measure_memory
-    from family.profile import Shape, WorkerProcess, profile_worker
-    from family.registry import LatencyProfile, MemoryBreakdown, check_dtype, load_family
+    from family.profile import Shape, WorkerProcess, profile_members
+    from family.registry import check_dtype, load_family
     from plrd.data import read_source, tokenize
 
     if engine not in ("torch", "vllm"):
@@ -274,34 +275,53 @@ def profile(
     typer.echo(f"measuring serving memory of {len(names)} member(s) in a fresh process (runtime, weights, KV per token)")
     kv_dtype = defaults.TORCH_KV_DTYPE if engine == "torch" else None  # vLLM caches at the model's dtype
     probe = measure_memory([fam.member_dir(n) for n in names], dtype, n_threads, kv_dtype=kv_dtype)
-    for n in names:
-        tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
-        text_ids = tokenize(tok, text).tolist()
-        log = log_dir / f"worker-{n}-{engine}.log"
-        typer.echo(f"{n}: starting `family worker --engine {engine}`" + (f" --threads {n_threads}" if n_threads else "") + f" (log: {log})")
-        with WorkerProcess(fam.member_dir(n), n, engine, dtype=dtype, log=log, ready_timeout=ready_timeout, threads=n_threads) as worker:
-            samples = profile_worker(worker.url, n, tok, text_ids, shapes, rounds=rounds, endpoint=endpoint)
-            peak = worker.peak_rss
-            serving = worker.serving(n)
-        mine = probe.members[str(fam.member_dir(n))]
-        memory = MemoryBreakdown(dtype=dtype, kv_dtype=probe.kv_dtype if probe.kv_dtype != dtype else None,
-                                 weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
-                                 kv_batch=kv_batch, kv_context=kv_context, runtime_bytes=probe.runtime_bytes,
-                                 runtime_shared_by=shared_by, worker_peak_rss_bytes=peak)
-        coef = latency.fit(samples)
-        prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, serving=serving, samples=samples, peak_memory_bytes=peak,
-                              memory=memory, latency_model=coef, fit_error=latency.fit_error(coef, samples), command=_command())
-        fam.record(n, latency=prof)  # after each member, merged under a lock: an interrupted profile loses nothing
-        one = [s for s in samples if s.concurrency == 1] or samples
-        ttft_ms = 1e3 * min(s.ttft_s for s in one)
-        tok_s = len(one) / sum(s.tpot_s for s in one)
-        err = prof.fit_error
-        roof = f" ({tok_s / roofline_tok_s(device.bandwidth_bytes_s, memory.weights_bytes):.0%} of its roofline)" if device else ""
-        typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}{roof}; "
-                   f"memory: weights {memory.weights_bytes / 1e9:.3f} GB + KV {memory.kv_cache_bytes / 1e9:.3f} GB "
-                   f"({kv_batch}x{kv_context} tokens) = {memory.member_bytes / 1e9:.3f} GB, runtime {probe.runtime_bytes / 1e9:.2f} GB "
-                   f"shared by {shared_by}, worker peak RSS {peak / 1e9:.2f} GB; latency model error on these samples: "
-                   f"TTFT {err['ttft']:.0%}, TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
+    groups = [names] if engine == "torch" else [[n] for n in names]  # as `family serve` starts them (server/fleet.py)
+    for group in groups:
+        members = []
+        for n in group:
+            tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
+            members.append((n, tok, tokenize(tok, text).tolist()))
+        label = "shared" if len(group) > 1 else group[0]
+        log = log_dir / f"worker-{label}-{engine}.log"
+        typer.echo(f"{', '.join(group)}: starting `family worker --engine {engine}`" + (f" --threads {n_threads}" if n_threads else "")
+                   + f" (log: {log})")
+        with WorkerProcess([fam.member_dir(n) for n in group], group, engine, dtype=dtype, log=log, ready_timeout=ready_timeout,
+                           threads=n_threads) as worker:
+            measured = profile_members(worker.url, members, shapes, rounds=rounds, endpoint=endpoint)
+            peak = worker.peak_rss  # the whole worker's, every member of it loaded
+            serving = {n: worker.serving(n) for n in group}
+        for n in group:
+            _record_profile(fam, n, measured[n], probe.members[str(fam.member_dir(n))], probe, peak, serving[n], device,
+                            device_class=device_class, engine=engine, dtype=dtype, threads=n_threads, kv_batch=kv_batch,
+                            kv_context=kv_context, shared_by=shared_by)
+
+
+def _record_profile(fam, n: str, samples, mine, probe, peak: int, serving, device, *, device_class: str, engine: str, dtype: str,
+                    threads: int | None, kv_batch: int, kv_context: int, shared_by: int) -> None:
+    """Fit and record one member's profile, merged under the registry's lock, and say what it measured."""
+    from family import latency
+    from family.bandwidth import roofline_tok_s
+    from family.registry import LatencyProfile, MemoryBreakdown
+
+    memory = MemoryBreakdown(dtype=dtype, kv_dtype=probe.kv_dtype if probe.kv_dtype != dtype else None,
+                             weights_bytes=mine.weights_bytes, kv_bytes_per_token=mine.kv_bytes_per_token,
+                             kv_batch=kv_batch, kv_context=kv_context, runtime_bytes=probe.runtime_bytes,
+                             runtime_shared_by=shared_by, worker_peak_rss_bytes=peak)
+    coef = latency.fit(samples)
+    prof = LatencyProfile(device_class=device_class, engine=engine, dtype=dtype, threads=threads, serving=serving, samples=samples,
+                          peak_memory_bytes=peak, memory=memory, latency_model=coef, fit_error=latency.fit_error(coef, samples),
+                          command=_command())
+    fam.record(n, latency=prof)  # merged under a lock: an interrupted profile keeps the workers already done
+    one = [s for s in samples if s.concurrency == 1] or samples
+    ttft_ms = 1e3 * min(s.ttft_s for s in one)
+    tok_s = len(one) / sum(s.tpot_s for s in one)
+    err = prof.fit_error
+    roof = f" ({tok_s / roofline_tok_s(device.bandwidth_bytes_s, memory.weights_bytes):.0%} of its roofline)" if device else ""
+    typer.echo(f"{n}: TTFT {ttft_ms:.0f} ms (shortest prompt), {tok_s:.1f} tok/s at c={one[0].concurrency}{roof}; "
+               f"memory: weights {memory.weights_bytes / 1e9:.3f} GB + KV {memory.kv_cache_bytes / 1e9:.3f} GB "
+               f"({kv_batch}x{kv_context} tokens) = {memory.member_bytes / 1e9:.3f} GB, runtime {probe.runtime_bytes / 1e9:.2f} GB "
+               f"shared by {shared_by}, worker peak RSS {peak / 1e9:.2f} GB; latency model error on these samples: "
+               f"TTFT {err['ttft']:.0%}, TPOT {err['tpot']:.0%}, e2e {err['e2e']:.0%}")
 
 
 def _relative_ppl(member, parent) -> float | None:

@@ -1,9 +1,11 @@
 """Latency profiles: each member measured through the engine that serves it, on this hardware.
 
-A profile starts `family worker` for the member as a separate process, waits for /health, and sends
-streaming completions over HTTP at several concurrencies and prompt lengths, timing the first token
-(TTFT), the gaps between tokens (TPOT) and the whole request; peak memory is the worker process
-tree's largest resident set. family/ never imports server/: it speaks the worker protocol only.
+A profile starts `family worker` as a separate process, as `family serve` would (torch: one worker
+for every member; vLLM: one per member), waits for /health, and sends streaming completions over
+HTTP at several concurrencies and prompt lengths, timing the first token (TTFT), the gaps between
+tokens (TPOT) and the whole request; the members of one worker are measured interleaved
+(`schedule`). Peak memory is the worker process tree's largest resident set. family/ never imports
+server/: it speaks the worker protocol only.
 """
 
 from __future__ import annotations
@@ -198,17 +200,16 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, out
     }
 
 
-async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, rounds: int, endpoint: str = "chat") -> LatencySample:
-    """`rounds` bursts of `concurrency` simultaneous requests of this shape; means over all requests."""
-    results, walls = [], []
-    async with httpx.AsyncClient(timeout=600) as client:
-        for r in range(rounds):
-            start = time.perf_counter()
-            batch = [_one(client, url, model, prompts[(r * shape.concurrency + i) % len(prompts)], shape.output_tokens, endpoint)
-                     for i in range(shape.concurrency)]
-            results += await asyncio.gather(*batch)
-            walls.append(time.perf_counter() - start)
-    total_tokens = sum(x["tokens"] for x in results)
+async def _burst(client: httpx.AsyncClient, url: str, model: str, prompts: list[str], shape: Shape,
+                 endpoint: str) -> tuple[list[dict], float]:
+    """`shape.concurrency` simultaneous requests: their timings, and the burst's wall time."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_one(client, url, model, p, shape.output_tokens, endpoint) for p in prompts))
+    return list(results), time.perf_counter() - start
+
+
+def _sample(shape: Shape, results: list[dict], walls: list[float]) -> LatencySample:
+    """Means over every request of one shape (all its rounds)."""
     return LatencySample(
         prompt_tokens=round(statistics.mean(x["prompt_tokens"] for x in results)),
         output_tokens=shape.output_tokens,
@@ -216,25 +217,55 @@ async def measure_shape(url: str, model: str, prompts: list[str], shape: Shape, 
         ttft_s=statistics.mean(x["ttft"] for x in results),
         tpot_s=statistics.mean(x["tpot"] for x in results),
         e2e_s=statistics.mean(x["e2e"] for x in results),
-        throughput_tok_s=total_tokens / sum(walls),
+        throughput_tok_s=sum(x["tokens"] for x in results) / sum(walls),
     )
+
+
+def schedule(names: list[str], shapes: list[Shape], rounds: int) -> list[tuple[Shape, int, str]]:
+    """The order of the bursts, (shape, round, member): for each shape, each round visits every
+    member, in reverse order every other round. Members are compared with each other (the router
+    picks between them), and a shared machine's speed drifts over a minute by more than a 0.9 member
+    differs from its parent: measured one after another, a member's whole profile lands on its own
+    stretch of that drift (on a 2-core host p90 and p70 came out slower than the parent, where
+    alternating requests give 1.04x and 1.21x). Interleaved, every member sees the same drift."""
+    return [(shape, r, n) for shape in shapes for r in range(rounds) for n in (names if r % 2 == 0 else names[::-1])]
+
+
+def profile_members(url: str, members: list[tuple[str, object, list[int]]], shapes: list[Shape], rounds: int = 2,
+                    progress: bool = True, endpoint: str = "chat") -> dict[str, list[LatencySample]]:
+    """Measure every shape for every member on one running worker, in `schedule`'s interleaved order
+    (a warm-up request per member first). `members`: (name, tokenizer, token ids of the text prompts
+    are cut from). With `endpoint="chat"` the prompt is one user message of about `prompt_tokens`
+    text tokens (the chat template adds a few; the sample records the worker's own count); with
+    "completions" it is the raw text."""
+    by_name = {name: (tok, ids) for name, tok, ids in members}
+    names = list(by_name)
+    order = schedule(names, shapes, rounds)
+    timings: dict[tuple[str, Shape], tuple[list[dict], list[float]]] = {(n, s): ([], []) for n in names for s in shapes}
+
+    async def run(bar) -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            for n, (tok, ids) in by_name.items():  # warm-up
+                await _burst(client, url, n, [prompt_of(tok, ids, 16)], Shape(16, 4, 1), endpoint)
+            for shape, r, n in order:
+                tok, ids = by_name[n]
+                prompts = [prompt_of(tok, ids, shape.prompt_tokens, offset=997 * (r * shape.concurrency + i)) for i in range(shape.concurrency)]
+                results, wall = await _burst(client, url, n, prompts, shape, endpoint)
+                timings[(n, shape)][0].extend(results)
+                timings[(n, shape)][1].append(wall)
+                bar.update(shape.output_tokens * shape.concurrency)
+                s = _sample(shape, results, [wall])
+                bar.set_postfix(member=n, p=shape.prompt_tokens, c=shape.concurrency, ttft_ms=f"{s.ttft_s * 1e3:.0f}",
+                                tpot_ms=f"{s.tpot_s * 1e3:.0f}", tok_s=f"{s.throughput_tok_s:.0f}")
+
+    total = sum(s.output_tokens * s.concurrency for s, _, _ in order)
+    desc = f"profile {names[0]}" if len(names) == 1 else f"profile {len(names)} members, interleaved"
+    with tqdm(total=total, desc=desc, unit="tok", disable=not progress) as bar:
+        asyncio.run(run(bar))
+    return {n: [_sample(s, *timings[(n, s)]) for s in shapes] for n in names}
 
 
 def profile_worker(url: str, model: str, tokenizer, text_ids: list[int], shapes: list[Shape], rounds: int = 2,
                    progress: bool = True, endpoint: str = "chat") -> list[LatencySample]:
-    """Measure every shape against a running worker (a warm-up request first). With `endpoint="chat"`
-    the prompt is one user message of about `prompt_tokens` text tokens (the chat template adds a
-    few; the sample records the worker's own count); with "completions" it is the raw text."""
-    samples = []
-    asyncio.run(measure_shape(url, model, [prompt_of(tokenizer, text_ids, 16)], Shape(16, 4, 1), 1, endpoint))  # warm-up
-    total = sum(s.output_tokens * s.concurrency * rounds for s in shapes)
-    bar = tqdm(total=total, desc=f"profile {model}", unit="tok", disable=not progress)
-    for shape in shapes:
-        prompts = [prompt_of(tokenizer, text_ids, shape.prompt_tokens, offset=997 * i) for i in range(shape.concurrency * rounds)]
-        sample = asyncio.run(measure_shape(url, model, prompts, shape, rounds, endpoint))
-        bar.update(shape.output_tokens * shape.concurrency * rounds)
-        bar.set_postfix(p=shape.prompt_tokens, c=shape.concurrency, ttft_ms=f"{sample.ttft_s * 1e3:.0f}",
-                        tpot_ms=f"{sample.tpot_s * 1e3:.0f}", tok_s=f"{sample.throughput_tok_s:.0f}")
-        samples.append(sample)
-    bar.close()
-    return samples
+    """One member's profile on a running worker (profile_members for one)."""
+    return profile_members(url, [(model, tokenizer, text_ids)], shapes, rounds, progress, endpoint)[model]

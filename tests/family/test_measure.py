@@ -25,7 +25,7 @@ def measured(tiny_family_dir, tmp_path_factory):
     shutil.copytree(tiny_family_dir, root)
     done = _family("eval", "--family", str(root), "--windows", "4", "--seq-len", "64", "--answer-tokens", "8")
     assert done.returncode == 0, done.stderr
-    done = _family("profile", "--family", str(root), "--device-class", "test-cpu", "--member", "tiny-p60",
+    done = _family("profile", "--family", str(root), "--device-class", "test-cpu", "--member", "tiny-p60", "--member", "tiny-p80",
                    "--concurrency", "1,2", "--prompt-tokens", "8,32", "--output-tokens", "6", "--rounds", "1")
     assert done.returncode == 0, done.stderr
     return root
@@ -63,6 +63,17 @@ def test_profile_stores_samples_memory_and_a_fitted_model(measured):
     assert p60.memory_bytes("other") == p60.bytes["float32"]  # an unknown device class: the weights
     dev = fam.registry.devices["test-cpu"]  # the bandwidth read over the parent's weights, recorded
     assert dev.basis == "measured" and dev.buffer_bytes == fam.registry.member("tiny-p100").bytes["float32"]
+
+
+def test_profile_measures_the_members_in_one_torch_worker_as_served(measured):
+    """`family serve` runs one torch worker for all members, so `family profile` measures them in one."""
+    reg = read_registry(measured)
+    p60, p80 = reg.member("tiny-p60").latency["test-cpu"], reg.member("tiny-p80").latency["test-cpu"]
+    assert len(p80.samples) == len(p60.samples) == 4 and p80.serving["how"] == "measured"
+    assert p80.peak_memory_bytes == p60.peak_memory_bytes  # one process: the same peak, with both loaded
+    assert "test-cpu" not in reg.member("tiny-p100").latency  # not selected, not measured
+    logs = sorted(f.name for f in (measured / "logs").glob("worker-*-torch.log"))
+    assert logs == ["worker-shared-torch.log"]
 
 
 def test_show_prints_every_member_and_plot_writes_a_png(measured, tmp_path):

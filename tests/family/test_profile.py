@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from family import defaults
 from family.errors import FamilyError
-from family.profile import Shape, WorkerProcess, profile_worker, worker_threads
+from family.profile import Shape, WorkerProcess, profile_worker, schedule, worker_threads
 from plrd.data import tokenize
 
 
@@ -51,6 +51,17 @@ def test_profile_worker_measures_every_shape(worker, text, endpoint):
     if endpoint == "completions":
         assert abs(samples[0].prompt_tokens - 8) <= 2
     assert worker.peak_rss > 50e6  # a Python process with torch loaded
+
+
+def test_members_of_one_worker_are_measured_interleaved():
+    """Every member's burst of a shape comes before the next shape, and the order reverses each round,
+    so that a drift of the machine's speed falls on every member alike."""
+    a, b = Shape(8, 4, 1), Shape(32, 4, 2)
+    order = schedule(["p100", "p90", "p70"], [a, b], rounds=2)
+    assert [(s, n) for s, _, n in order] == [(a, "p100"), (a, "p90"), (a, "p70"), (a, "p70"), (a, "p90"), (a, "p100"),
+                                             (b, "p100"), (b, "p90"), (b, "p70"), (b, "p70"), (b, "p90"), (b, "p100")]
+    assert [r for _, r, _ in order[:6]] == [0, 0, 0, 1, 1, 1]
+    assert schedule(["only"], [a], rounds=3) == [(a, 0, "only"), (a, 1, "only"), (a, 2, "only")]
 
 
 def test_stop_ends_the_worker_tree(tiny_parent_dir):
