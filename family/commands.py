@@ -434,7 +434,7 @@ def show(
     memory = Table(title="serving memory per device class (GB)",
                    caption="need = weights at the serving dtype + KV cache at the worker's batch x context (what max_memory_gb "
                            "compares); runtime: the engine process without a model, paid once per host and divided among the members "
-                           "it serves; serving = need + runtime share; worker RSS: the whole worker process while profiled (reference); "
+                           "it serves; serving = need + runtime share; worker RSS: the whole worker process while profiled, every member it serves loaded (reference); "
                            "need/parent vs params/parent: the target is need/parent <= 1.1 x params/parent; ~ = predicted")
     for col in ("member", "device class", "dtype", "weights", "KV cache", "batch x ctx", "need", "runtime (shared by)",
                 "serving", "worker RSS", "params/parent", "need/parent"):

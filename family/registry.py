@@ -132,7 +132,7 @@ class MemoryBreakdown(_Model):
     kv_context: int  # tokens of context per row
     runtime_bytes: int | None = None  # RSS of the engine's runtime with no model loaded
     runtime_shared_by: int = Field(default=1, ge=1)  # members served by one runtime on this host
-    worker_peak_rss_bytes: int | None = None  # the whole worker process tree while profiled (reference only)
+    worker_peak_rss_bytes: int | None = None  # the whole worker process tree while profiled, with every member it serves (reference only)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -177,7 +177,7 @@ class LatencyProfile(_Model):
     # shape, dense or factor pair (and at what rank), chosen by timing each form at load (server.layout)
     serving: dict | None = None
     samples: list[LatencySample] = Field(default_factory=list)
-    peak_memory_bytes: int | None = None  # the worker process tree's peak RSS (runtime included; not routed on)
+    peak_memory_bytes: int | None = None  # the worker process tree's peak RSS, every member it serves loaded (not routed on)
     memory: MemoryBreakdown | None = None  # the member's serving memory, in parts
     prediction: PredictionBasis | None = None  # basis "predicted": what it was predicted from
     latency_model: dict[str, float] | None = None  # coefficients fitted by family.latency
