@@ -33,7 +33,7 @@ from family.accuracy import perplexity
 from family.data import read_prompts
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import build_lowrank, choose_ranks, count_parameters, spectra
 from plrd.parent import load_parent
 from plrd.sensitivity import output_sensitivity

@@ -39,7 +39,7 @@ from family.data import SEED_PROMPTS, read_prompts
 from family.generate import chat_prompt_ids
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import count_parameters, factorize, spectra
 from plrd.heal import HealConfig, heal
 from plrd.onpolicy import OnPolicyConfig, distill_on_policy

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from family import defaults, latency
 from family.profile import Shape, WorkerProcess, profile_worker
 from family.registry import load_family
-from plrd.data import read_source, tokenize
+from family.text import read_source, tokenize
 
 FIT = [Shape(p, 32, c) for c in (1, 4, 8) for p in (32, 256)]
 HELD_OUT = [Shape(128, 48, 2), Shape(64, 32, 6), Shape(192, 64, 1), Shape(96, 24, 3), Shape(320, 16, 4)]

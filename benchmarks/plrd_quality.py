@@ -32,7 +32,7 @@ import torch
 import family  # noqa: F401  (registers the low-rank architecture)
 from family import defaults
 from plrd.calibrate import collect_grams
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from family.accuracy import perplexity
 from plrd.factorize import count_parameters, factorize, spectra
 from family.hardware import bf16_is_fast

@@ -51,7 +51,7 @@ from family.registry import read_registry
 from plrd.build import BuildConfig, build_family
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import count_parameters, factorize, spectra
 from plrd.heal import HealConfig
 from plrd.parent import load_parent

@@ -29,7 +29,7 @@ from family.data import read_prompts
 from family.vocab_map import VocabMap
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import count_parameters
 from plrd.parent import load_parent
 from plrd.refit import sequential_refit

@@ -33,7 +33,7 @@ import family  # noqa: F401
 from family import chat_eval, defaults
 from family.accuracy import perplexity
 from family.data import read_prompts
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import count_parameters
 from plrd.parent import load_parent
 from family.vocab_map import VocabMap

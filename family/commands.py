@@ -94,7 +94,7 @@ def eval_cmd(
     from family.errors import FamilyError
     from family.registry import AccuracyRecord, FitnessPolicy, check_dtype, load_family
     from family.storage import atomic_write_text, sha256_file
-    from plrd.data import read_source, tokenize
+    from family.text import read_source, tokenize
 
     check_dtype(dtype)
     fam = load_family(family_dir)
@@ -243,7 +243,7 @@ def profile(
     from family.memory import measure_memory
     from family.profile import Shape, WorkerProcess, profile_members
     from family.registry import check_dtype, load_family
-    from plrd.data import read_source, tokenize
+    from family.text import read_source, tokenize
 
     if engine not in ("torch", "vllm"):
         raise FamilyError(f"--engine must be torch or vllm, got {engine!r}")

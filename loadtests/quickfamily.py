@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from family.registry import member_name, parent_name, sync_family
     from plrd.calibrate import collect_grams
-    from plrd.data import pack, read_source, tokenize
+    from family.text import pack, read_source, tokenize
     from plrd.factorize import count_parameters, factorize, spectra
 
     out = args.out

@@ -41,7 +41,7 @@ from family.registry import member_name, now_iso, parent_name, sync_family
 from family.storage import atomic_dir, atomic_write_text
 from plrd.calibrate import collect_grams
 from plrd.corpus import CorpusConfig, make_corpus
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 from plrd.factorize import Allocation, count_parameters, factorize
 from plrd.heal import HealConfig, heal
 from plrd.onpolicy import OnPolicyConfig, distill_on_policy

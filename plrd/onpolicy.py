@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from family.generate import generate
-from plrd.data import pack
+from family.text import pack
 from plrd.heal import HealConfig, HealResult, heal
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from family import defaults
 from family.errors import FamilyError
 from family.vocab_map import VocabMap
-from plrd.data import pack
+from family.text import pack
 
 
 def _bpe(tokenizer) -> dict:

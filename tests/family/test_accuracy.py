@@ -17,7 +17,7 @@ from family.accuracy import agreement, evaluate, perplexity, windows
 from family.errors import FamilyError
 from family.registry import load_family, read_registry
 from family.storage import sha256_file
-from plrd.data import tokenize
+from family.text import tokenize
 from tests.family.test_registry_api import build_tiny_family
 
 SEQ, WINDOWS = 64, 6

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from family import defaults
 from family.errors import FamilyError
 from family.profile import Shape, WorkerProcess, profile_worker, schedule, worker_threads
-from plrd.data import tokenize
+from family.text import tokenize
 
 
 @pytest.fixture(scope="module")

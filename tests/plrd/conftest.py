@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family import defaults
-from plrd.data import pack, read_source, tokenize
+from family.text import pack, read_source, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from plrd.calibrate import collect_grams
 from plrd.factorize import count_parameters, factorize
 from family.hardware import bf16_is_fast
 from plrd.heal import HealConfig, heal
-from plrd.data import pack
+from family.text import pack
 
 
 def _loss(model, rows) -> float:

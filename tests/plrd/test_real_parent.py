@@ -8,7 +8,7 @@ from family import defaults
 from family.accuracy import perplexity
 from family.registry import load_family
 from plrd.build import BuildConfig, build_family
-from plrd.data import read_source, tokenize
+from family.text import read_source, tokenize
 from plrd.factorize import count_parameters, factorize
 from plrd.heal import HealConfig
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from family import defaults
 from plrd.calibrate import collect_grams
-from plrd.data import pack, tokenize
+from family.text import pack, tokenize
 from plrd.factorize import count_parameters, factorize, full_rank_member
 from plrd.refit import sequential_refit
 

@@ -7,7 +7,8 @@ A source is named by one string so that it fits a CLI flag and a provenance reco
 - `hf:name[/config][:split][#field]`: a Hugging Face dataset, where `datasets` is installed and reachable.
 The text is tokenized once and cut into fixed-length sequences (packing, no padding): `pack` for
 calibration and healing (a number of sequences or a token budget, drawn repeatably with a seed);
-evaluation windows are `family.accuracy.windows`.
+evaluation windows are `family.accuracy.windows`. It lives on the ground floor because both sides
+read text: plrd/ to calibrate and heal, `family eval` and `family profile` to measure.
 """
 
 from __future__ import annotations

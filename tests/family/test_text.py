@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from family.errors import FamilyError
-from plrd.data import pack, read_source
+from family.text import pack, read_source
 
 
 def test_jsonl_with_a_named_field(tmp_path):
