@@ -241,7 +241,7 @@ def profile(
     from family.bandwidth import measure_device, roofline_tok_s
     from family.errors import FamilyError
     from family.memory import measure_memory
-    from family.profile import Shape, WorkerProcess, profile_members
+    from family.profile import Shape, WorkerProcess, profile_members, worker_groups, worker_log_name
     from family.registry import check_dtype, load_family
     from family.text import read_source, tokenize
 
@@ -275,14 +275,12 @@ def profile(
     typer.echo(f"measuring serving memory of {len(names)} member(s) in a fresh process (runtime, weights, KV per token)")
     kv_dtype = defaults.TORCH_KV_DTYPE if engine == "torch" else None  # vLLM caches at the model's dtype
     probe = measure_memory([fam.member_dir(n) for n in names], dtype, n_threads, kv_dtype=kv_dtype)
-    groups = [names] if engine == "torch" else [[n] for n in names]  # as `family serve` starts them (server/fleet.py)
-    for group in groups:
+    for group in worker_groups(names, engine):  # as `family serve` starts them
         members = []
         for n in group:
             tok = AutoTokenizer.from_pretrained(fam.member_dir(n))
             members.append((n, tok, tokenize(tok, text).tolist()))
-        label = "shared" if len(group) > 1 else group[0]
-        log = log_dir / f"worker-{label}-{engine}.log"
+        log = log_dir / worker_log_name(group, engine)
         typer.echo(f"{', '.join(group)}: starting `family worker --engine {engine}`" + (f" --threads {n_threads}" if n_threads else "")
                    + f" (log: {log})")
         with WorkerProcess([fam.member_dir(n) for n in group], group, engine, dtype=dtype, log=log, ready_timeout=ready_timeout,

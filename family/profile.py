@@ -69,6 +69,18 @@ def wait_healthy(url: str, timeout: float = 300.0, proc: subprocess.Popen | None
     raise FamilyError(f"{what} not ready after {timeout:.0f} s")
 
 
+def worker_groups(names: list[str], engine: str) -> list[list[str]]:
+    """Which members share a worker process: with torch one process serves them all (one runtime, one
+    thread pool, its scheduler gives the cores to whichever members have work); vLLM serves one model
+    per process. `family serve` starts its workers this way, and `family profile` measures them so."""
+    return [list(names)] if engine == "torch" else [[n] for n in names]
+
+
+def worker_log_name(group: list[str], engine: str) -> str:
+    """The log file of the worker serving `group`."""
+    return f"worker-{'shared' if len(group) > 1 else group[0]}-{engine}.log"
+
+
 def _end_with_parent() -> None:
     """Run in the worker between fork and exec (Linux): the kernel sends it SIGTERM when the process
     that started it dies, however it dies. A gateway or profiler killed with SIGKILL (an OOM kill, a

@@ -88,18 +88,15 @@ class LocalWorkers:
 
     def __init__(self, family: Family, engine: str, device_class: str, log_dir: Path | None = None, threads: int | None = None,
                  dtype: str = "float32"):
-        from family.profile import WorkerProcess
+        from family.profile import WorkerProcess, worker_groups, worker_log_name
 
         self.processes = []
         self.specs: list[WorkerSpec] = []
         log_dir = Path(log_dir or family.root / "logs")
         log_dir.mkdir(parents=True, exist_ok=True)
-        names = [m.name for m in family.servable]
-        groups = [names] if engine == "torch" else [[n] for n in names]
         try:
-            for group in groups:  # start them all, then wait: start-ups overlap
-                label = "shared" if len(group) > 1 else group[0]
-                proc = WorkerProcess([family.member_dir(n) for n in group], group, engine, log=log_dir / f"worker-{label}-{engine}.log",
+            for group in worker_groups([m.name for m in family.servable], engine):  # start them all, then wait: start-ups overlap
+                proc = WorkerProcess([family.member_dir(n) for n in group], group, engine, log=log_dir / worker_log_name(group, engine),
                                      ready_timeout=None, threads=threads if engine == "torch" else None, dtype=dtype)
                 self.processes.append(proc)
                 # vLLM caches prompt prefixes (server.affinity counts a hit in its TTFT); the torch engine does not,
