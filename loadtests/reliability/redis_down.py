@@ -18,6 +18,7 @@ both policies. What must hold:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -153,6 +154,7 @@ def redis_down(family_dir: Path, device_class: str, out: Path, *, allowed: int =
         time.sleep(kill_at)
         t_kill = time.time()
         redis_server.kill()
+        t_dead = time.time()  # kill() returns once the process is gone
         time.sleep(down_s)
         t_back = time.time()
         redis_server.start()
@@ -176,18 +178,29 @@ def redis_down(family_dir: Path, device_class: str, out: Path, *, allowed: int =
                 health[name] = httpx.get(f"{u}/health", timeout=5).status_code
             except httpx.HTTPError:
                 health[name] = 0
-        tracebacks = sum(p.read_text(errors="replace").count("Traceback") for p in (logs / "gateway.log", b_log) if p.exists())
+        log_texts = [p.read_text(errors="replace") for p in (logs / "gateway.log", b_log) if p.exists()]
+        tracebacks = sum(t.count("Traceback") for t in log_texts)
+        first_traceback = next((t[t.index("Traceback"):][:1500] for t in log_texts if "Traceback" in t), None)
         metrics = httpx.get(f"{a_url}/metrics", headers={"authorization": f"Bearer {PROBE_KEY}"}, timeout=10).text
         open_unreserved = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                               if line.startswith("family_quota_decisions_total") and 'decision="state_unavailable_open"' in line)
 
         def phase(rs: list[dict], lo: float, hi: float) -> list[dict]:
-            return [r for r in rs if lo <= r["t"] < hi]
+            """The requests wholly in flight within [lo, hi): one that straddles the kill or the restart
+            may have met Redis either way, so it is judged by neither phase."""
+            return [r for r in rs if lo <= r["t"] and r["t"] + r["s"] < hi]
 
+        (logs / "steady-requests.json").write_text(json.dumps({"t0": t0, "t_kill": t_kill, "t_dead": t_dead, "t_back": t_back,
+                                                               "t_recovered": t_recovered, "urls": {"A": a_url, "B": b_url},
+                                                               "requests": steady}, indent=1))
         # An outage is seen from the kill until the first reservation after the restart: judge it
         # between the kill and the restart; before and after are judged as normal service.
-        down = phase(steady, t_kill + 0.05, t_back)
+        down = phase(steady, t_dead, t_back)
         before, after = phase(steady, t0, t_kill), phase(steady, t_back + (t_recovered or 0) + 0.5, float("inf"))
+        # Whenever it ran, a request is served by A (open) and served or refused for the state by B (closed).
+        answered_by_policy = all(r["status"] == 200 if r["url"] == a_url else
+                                 (r["status"] == 200 or (r["status"] == 503 and r.get("code") == "quota_state_unavailable"))
+                                 for r in steady)
         a_down, b_down = [r for r in down if r["url"] == a_url], [r for r in down if r["url"] == b_url]
         checks = {
             "exact_across_replicas": len(served) == allowed and quota_in_redis == per_request * allowed > 0,
@@ -198,7 +211,8 @@ def redis_down(family_dir: Path, device_class: str, out: Path, *, allowed: int =
             "closed_replica_503_with_retry_after": all(r["status"] == 503 and r.get("code") == "quota_state_unavailable"
                                                        and r.get("retry_after") for r in b_down),
             "closed_refusals_fast": bool(b_down) and max(r["s"] for r in b_down) < 1.0,
-            "no_other_failures": all(r["status"] == 200 for r in before + after) and not any(r.get("exception") for r in steady),
+            "no_other_failures": all(r["status"] == 200 for r in before + after) and answered_by_policy
+                                 and not any(r.get("exception") for r in steady),
             "nothing_crashed": all(alive.values()) and all(v == 200 for v in health.values()) and tracebacks == 0,
             "recovered_after_redis_returned": t_recovered is not None,
         }
@@ -219,8 +233,10 @@ def redis_down(family_dir: Path, device_class: str, out: Path, *, allowed: int =
                     "B_closed": {"before": lat([r for r in before if r["url"] == b_url]), "down_503": len([r for r in b_down if r["status"] == 503]),
                                  "down_sent": len(b_down), "down_503_median_ms": _ms([r["s"] for r in b_down], 0.5),
                                  "down_503_max_ms": _ms([r["s"] for r in b_down], 1.0), "after": lat([r for r in after if r["url"] == b_url])}},
-            alive=alive, health=health, tracebacks=tracebacks,
+            alive=alive, health=health, tracebacks=tracebacks, first_traceback=first_traceback,
             unexpected=[r for r in steady if r["status"] not in (200, 503)][:5],
+            failed_before_or_after=[r for r in before + after if r["status"] != 200][:5],
+            slowest_closed_refusals=sorted(b_down, key=lambda r: -r["s"])[:3],
         )
     finally:
         stop_process(b_proc)
