@@ -13,7 +13,7 @@ What the gateway and the tools code against:
   `rank_key(record, dtype)` (best first),
   `memory_bytes(record, device_class, dtype)` (weights + KV cache: the member's own need),
   `MemberRecord.profile(device_class, devices)` (measured, else `basis: predicted` from the device's
-  bandwidth, family/devices.py), `members_fitting(family, device_class=..., ...)`;
+  bandwidth, family/devices.py); what fits a budget is family/fit.py (`members_fitting`);
 - device classes: `FamilyRegistry.devices` (measured bandwidth), `Family.record_device(DeviceRecord)`;
 - fitness: `FamilyRegistry.fitness` (a `FitnessPolicy`), `MemberRecord.unfit_reason(policy)`,
   `Family.unfit` (servable members kept from routed traffic, with why), `Family.set_fitness(policy)`;
@@ -616,60 +616,3 @@ def rank_key(m: MemberRecord, dtype: str = "float32") -> tuple:
     if ppl is None:
         ppl = m.metric("perplexity")
     return (-(q if q is not None else -1.0), ppl if ppl is not None else float("inf"), m.parameters)
-
-
-def members_fitting(
-    family: Family | FamilyRegistry,
-    *,
-    device_class: str,
-    max_memory_gb: float | None = None,
-    max_ttft_ms: float | None = None,
-    max_latency_ms: float | None = None,
-    min_accuracy: float | None = None,
-    prompt_tokens: int = 128,
-    output_tokens: int = defaults.DEFAULT_MAX_TOKENS,
-    context_tokens: int | None = None,
-    concurrency: int = 1,
-    include_unfit: bool = False,
-) -> list[MemberRecord]:
-    """The members whose registry figures meet every given limit, best first.
-
-    A static filter: memory is `memory_bytes(m, device_class)` (GB = 1e9 bytes: the member's weights +
-    KV cache); latency is the fitted model of `device_class` at `concurrency` for a request of
-    `prompt_tokens` in and `output_tokens` out, predicted from the device's bandwidth where it was never
-    profiled (a member on an unknown device fits only when no latency limit is given); accuracy is
-    `m.quality_at` the dtype it is served at on `device_class` (a member not measured at that dtype fits
-    only without `min_accuracy`); the context needed is
-    `context_tokens`, else prompt + output, and must not exceed the member's max_model_len. With a
-    `Family`, only servable members (verified files) are considered; members unfit under the family's
-    fitness policy are left out unless `include_unfit` (routed traffic never reaches them). Best
-    first (`rank_key`). The gateway adds live load on
-    top of this.
-    """
-    from family.latency import predict_latency
-
-    members = family.servable if isinstance(family, Family) else list(family.members)
-    registry = family.registry if isinstance(family, Family) else family
-    policy, devices = registry.fitness, registry.devices
-    need = context_tokens if context_tokens is not None else prompt_tokens + output_tokens
-    fits = []
-    for m in members:
-        dtype = m.serving_dtype(device_class, devices)
-        if need > m.max_model_len:
-            continue
-        if not include_unfit and m.unfit_reason(policy, dtype):
-            continue
-        if max_memory_gb is not None and m.memory_bytes(device_class, devices=devices) / 1e9 > max_memory_gb:
-            continue
-        if min_accuracy is not None and ((q := m.quality_at(dtype)) is None or q < min_accuracy):
-            continue
-        if max_ttft_ms is not None or max_latency_ms is not None:
-            pred = predict_latency(m, device_class, prompt_tokens, output_tokens, concurrency, devices)
-            if pred is None:
-                continue
-            if max_ttft_ms is not None and pred.ttft_s * 1e3 > max_ttft_ms:
-                continue
-            if max_latency_ms is not None and pred.e2e_s * 1e3 > max_latency_ms:
-                continue
-        fits.append(m)
-    return sorted(fits, key=lambda m: rank_key(m, m.serving_dtype(device_class, devices)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from family.fit import Verdict, latency_verdict, static_verdict
 from family.latency import LatencyPrediction, predict_latency
 from family.registry import Family, MemberRecord, rank_key
 from server.errors import APIError
@@ -45,40 +46,10 @@ class Choice:
 
 
 @dataclass
-class Verdict:
-    """Why one member does not fit, and by how much (violation ≥ 0, relative to the limit)."""
-
-    member: str
-    constraint: str
-    detail: str
-    violation: float
-
-
-@dataclass
 class RouteResult:
     choices: list[Choice] = field(default_factory=list)  # best first
     refused: list[Verdict] = field(default_factory=list)
     pinned: str | None = None  # the member the request named, if any (it may be served even when unfit)
-
-
-def _static_verdict(m: MemberRecord, w: WorkerState, budget: Budget, prompt_tokens: int, max_tokens: int,
-                    devices: dict | None = None) -> Verdict | None:
-    need = prompt_tokens + max_tokens
-    if need > m.max_model_len:
-        return Verdict(m.name, "context_length", f"{need} tokens > max_model_len {m.max_model_len}", need / m.max_model_len - 1)
-    if budget.max_memory_gb is not None:
-        gb = m.memory_bytes(w.spec.device_class, devices=devices) / 1e9
-        if gb > budget.max_memory_gb:
-            return Verdict(m.name, "max_memory_gb", f"needs {gb:.2f} GB > {budget.max_memory_gb} GB", gb / budget.max_memory_gb - 1)
-    if budget.min_accuracy is not None:
-        dtype = m.serving_dtype(w.spec.device_class, devices)
-        q = m.quality_at(dtype)
-        if q is None:
-            how = "family eval" if dtype == "float32" else f"family eval --dtype {dtype}"
-            return Verdict(m.name, "min_accuracy", f"accuracy at {dtype}, its dtype on {w.spec.device_class}, not measured (run {how})", 1.0)
-        if q < budget.min_accuracy:
-            return Verdict(m.name, "min_accuracy", f"accuracy {q:.3f} < {budget.min_accuracy}", budget.min_accuracy / max(q, 1e-9) - 1)
-    return None
 
 
 def _unfit_warning(m: MemberRecord, why: str | None) -> str | None:
@@ -107,20 +78,6 @@ def _predict(family: Family, pool: Pool, m: MemberRecord, w: WorkerState, prompt
     ttft_ratio, tpot_ratio = w.ratios(first)
     ttft, tpot = base.ttft_s * ttft_ratio, base.tpot_s * tpot_ratio
     return LatencyPrediction(ttft, tpot, ttft + tpot * max(0, max_tokens - 1)), base
-
-
-def _latency_verdict(m: MemberRecord, pred: LatencyPrediction | None, budget: Budget) -> Verdict | None:
-    limits = [("max_ttft_ms", budget.max_ttft_ms, "ttft_s"), ("max_latency_ms", budget.max_latency_ms, "e2e_s"),
-              ("max_tpot_ms", budget.max_tpot_ms, "tpot_s")]
-    for name, limit, attr in limits:
-        if limit is None:
-            continue
-        if pred is None:
-            return Verdict(m.name, name, "no latency profile, measured or predicted, on this device class", 1.0)
-        ms = getattr(pred, attr) * 1e3
-        if ms > limit:
-            return Verdict(m.name, name, f"predicted {ms:.0f} ms > {limit:.0f} ms", ms / limit - 1)
-    return None
 
 
 PromptTokens = int | Mapping[str, int]  # one count for all members, or each member's own (its tokenizer's)
@@ -161,10 +118,12 @@ def route(
             if unfit and not pinned:  # whatever the budget: never routed to, not even as best effort
                 verdict = Verdict(m.name, "unfit", unfit, float("inf"))
             else:
-                verdict = _static_verdict(m, w, budget, p, max_tokens, devices)
+                verdict = static_verdict(m, w.spec.device_class, devices, need_tokens=p + max_tokens,
+                                         max_memory_gb=budget.max_memory_gb, min_accuracy=budget.min_accuracy)
             pred, base = _predict(family, pool, m, w, p, max_tokens, live, (cached or {}).get((w.name, m.name), 0),
                                   idle, first) if verdict is None else (None, None)
-            verdict = verdict or _latency_verdict(m, pred, budget)
+            verdict = verdict or latency_verdict(m, pred, max_ttft_ms=budget.max_ttft_ms, max_latency_ms=budget.max_latency_ms,
+                                                 max_tpot_ms=budget.max_tpot_ms)
             if verdict is None:
                 e2e = pred.e2e_s if pred else float("inf")
                 choice = Choice(m, w, pred, base, "pinned" if pinned else "best", _unfit_warning(m, unfit), first)

@@ -10,13 +10,13 @@ import pytest
 from pydantic import ValidationError
 
 from family import defaults
+from family.fit import members_fitting
 from family.registry import (
     AccuracyRecord,
     FamilyRegistry,
     FitnessPolicy,
     MemberRecord,
     load_family,
-    members_fitting,
     read_registry,
     registry_path,
     save_registry,

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from family.memory import measure_memory, probe
+from family.fit import members_fitting
 from family.registry import (
     DTYPE_BYTES,
     LatencyProfile,
     MemoryBreakdown,
     kv_values_per_token,
     load_family,
-    members_fitting,
     memory_bytes,
     read_registry,
 )

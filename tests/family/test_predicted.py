@@ -11,7 +11,8 @@ from family import defaults
 from family.bandwidth import measure_device
 from family.devices import PUBLISHED, device_record, predict_profile
 from family.latency import predict, predict_latency
-from family.registry import load_family, members_fitting, read_registry
+from family.fit import members_fitting
+from family.registry import load_family, read_registry
 from tests.family.test_registry_api import build_tiny_family
 
 

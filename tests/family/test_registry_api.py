@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from family import storage
+from family.fit import members_fitting
 from family.registry import (
     SCHEMA_VERSION,
     AccuracyRecord,
@@ -27,7 +28,6 @@ from family.registry import (
     MemoryBreakdown,
     load_family,
     member_name,
-    members_fitting,
     memory_bytes,
     parent_name,
     read_registry,
