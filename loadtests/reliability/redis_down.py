@@ -10,7 +10,9 @@ both policies. What must hold:
   and Redis holds exactly N requests' tokens;
 - **Redis killed (SIGKILL) under steady load on both replicas**: replica A (open) serves every request,
   unreserved; replica B (closed) answers 503 `quota_state_unavailable` with `Retry-After`, quickly
-  (no request waits on the dead Redis); no request fails otherwise (no other status, no exception);
+  (no request waits on the dead Redis); no request fails otherwise (no other status, no exception).
+  Each request is judged by the whole time it was in flight: one that straddles the kill or the
+  restart may have met Redis either way, so A must serve it and B serve it or refuse it so;
 - **nothing crashes**: both gateway processes alive, /health 200, no traceback in their logs;
 - **recovery**: Redis restarted on the same port (empty: it persisted nothing), both replicas reserve
   in it again within a few seconds and B serves 200 again.
