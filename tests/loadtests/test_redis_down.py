@@ -20,7 +20,6 @@ def test_redis_down(tiny_family_dir, tmp_path):
     except NoRedis as exc:
         pytest.skip(str(exc))
     res = reliability.redis_down(tiny_family_dir, DEVICE_CLASS, tmp_path, allowed=12, load_s=14, kill_at=3, down_s=4)
-    failed = [name for name, ok in res["checks"].items() if not ok]
-    assert not failed, f"failed checks {failed}: " + json.dumps(res, indent=2, default=str)[:6000]
+    assert res["ok"], json.dumps(res, indent=2, default=str)[:6000]  # `failed` comes first
     assert res["exactness"]["served"] == 12 and res["exactness"]["refused_429"] > 0
     assert res["outage"]["B_closed"]["down_503"] >= 5 and res["outage"]["A_open"]["down"]["served"] >= 5
