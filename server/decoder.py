@@ -104,8 +104,12 @@ def rotation_of(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of `x` [n, t, heads, head_dim] whose pairs sit side by side, as a complex
-    multiply (bf16 has no complex type: its pairs are rotated in float32 and rounded back)."""
+    multiply (bf16 has no complex type: its pairs are rotated in float32 and rounded back). A dense q or
+    k is a view into its stage's stacked output, at an odd offset or row stride when a factored neighbour
+    has an odd rank, and a complex view needs both even: such a view is copied first."""
     pairs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if pairs.storage_offset() % 2 or not pairs.is_contiguous():
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
     return torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * rotation).flatten(-2).to(x.dtype)
 
 

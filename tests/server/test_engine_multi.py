@@ -156,17 +156,28 @@ def _reference_ids(model, prompt: list[int], n: int) -> list[int]:
     return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
 
 
+def _mixed_at_odd_ranks(model) -> Layout:
+    """A layout a measured plan may choose: per layer one of q / k factored at an odd rank, the rest
+    dense. The dense q or k is then a view into the stacked output at an odd offset or row stride (CI
+    met this on a tiny family at float32: "Tensor must have a stride divisible by 2")."""
+    factored = plan_layout(model, "float32", "factored").forms
+    odd = {f"model.layers.{i}.self_attn.{'q_proj' if i % 2 == 0 else 'k_proj'}" for i in range(model.config.num_hidden_layers)}
+    return Layout(torch.float32, {p: Form("factored", f.rank | 1) if p in odd else Form("dense") for p, f in factored.items()},
+                  how="test")
+
+
 def test_every_layout_and_slot_compaction_keep_transformers_greedy_tokens(tiny_member_dir):
-    """Factor pairs (stacked A's), merged dense, factored at a padded rank, each on every matmul kernel
-    that runs here and with either form of the LM head's product: the same greedy tokens. Row 0
-    finishes after 5 tokens and row 2 moves into its slot: both remaining rows stay exact."""
+    """Factor pairs (stacked A's), merged dense, factored at a padded rank, dense and factored at odd
+    ranks mixed in one stage, each on every matmul kernel that runs here and with either form of the LM
+    head's product: the same greedy tokens. Row 0 finishes after 5 tokens and row 2 moves into its
+    slot: both remaining rows stay exact."""
     model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.float32).eval()
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
     refs = [_reference_ids(model, p, 16) for p in prompts]
     factored = plan_layout(model, "float32", "factored")
     padded = Layout(torch.float32, {p: Form("factored", f.rank + 3) for p, f in factored.forms.items()}, how="test")
     assert factored.forms and all(f.kind == "factored" for f in factored.forms.values())
-    layouts = (factored, plan_layout(model, "float32", "dense"), padded)
+    layouts = (factored, plan_layout(model, "float32", "dense"), padded, _mixed_at_odd_ranks(model))
     heads = [(h, h) for h in HEADS] + ([("linear", "streamed")] if streamed_matvec() is not None else [])  # (batch form, one-row form)
     for layout in [replace(lay, kernel=k, head=h, head_batch1=h1) for lay in layouts for k in runnable_kernels(torch.float32)
                    for h, h1 in heads]:
@@ -214,13 +225,14 @@ def test_rotating_pairs_side_by_side_is_transformers_rotary_in_that_order():
     assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), reordered(ref.transpose(1, 2)), atol=3e-2)
 
 
-@pytest.mark.parametrize("policy", ["factored", "dense"])
+@pytest.mark.parametrize("policy", ["factored", "dense", "mixed at odd ranks"])
 def test_the_decoders_logits_are_transformers_own(tiny_member_dir, policy):
     """Prefill and one decode step: transformers' logits to float32 rounding (a rotary or norm that is
     slightly off moves them by 1e-3 on the tiny model, and its greedy tokens may not show it)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_member_dir, dtype=torch.float32).eval()
     prompt = list(range(5, 40))
-    dec = StaticDecoder(model, plan_layout(model, "float32", policy, kernel="aten"), max_slots=2, max_len=64, min_width=8)
+    layout = _mixed_at_odd_ranks(model) if policy == "mixed at odd ranks" else plan_layout(model, "float32", policy, kernel="aten")
+    dec = StaticDecoder(model, layout, max_slots=2, max_len=64, min_width=8)
     first = dec.prefill(0, [prompt[:-1]])
     step = dec.decode(torch.tensor([prompt[-1]]), torch.tensor([len(prompt) - 1]))
     with torch.no_grad():
