@@ -4,12 +4,15 @@ The parent's vocabulary is trimmed to V tokens as `family build` trims it (the o
 its corpus; `--select first`: the BPE's first V, as before 2026-12-07; plrd/vocab.py), every MLP pruned to W
 neurons (plrd/width.py, the calibration Grams of the trimmed parent on its own corpus, re-encoded),
 then each row: the pruned member as it is, and after `sequential_refit` (plrd/refit.py) at each
-damping. No distillation, so the rows measure the cut and the refit alone. Scored as `family eval`
+damping, and with `--refine EPOCHS:LR,...` also after the refit followed, block by block, by that many
+Adam epochs of its per-block refinement toward the parent's block outputs (`refine_epochs`,
+`refine_lr`). No distillation, so the rows measure the cut and the refit alone. Scored as `family eval`
 scores a trimmed member: held-out chat agreement and KL in the member's tokens against the folded
 parent, its own greedy answers checked for degeneracy, held-out text perplexity per parent token
 over the parent's.
 
     python benchmarks/refit_damping.py --vocab-size 24576 --widths 1290,1031 --dampings 0.01,0.1,0.3
+    python benchmarks/refit_damping.py --widths 1290 --dampings 0.1 --refine 2:1e-4,2:1e-3
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ def main() -> None:
     ap.add_argument("--select", choices=("usage", "first"), default="usage", help="which V tokens: the parent's most used (family build's), or the BPE's first")
     ap.add_argument("--widths", default="1290,1031", help="MLP widths to prune to")
     ap.add_argument("--dampings", default="0.01,0.1,0.3", help="refit dampings (relative to the Gram's mean diagonal)")
+    ap.add_argument("--refine", default="", help="per-block refinements after the refit, as EPOCHS:LR pairs separated by commas")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     widths = _floats(args.widths, "--widths", ap, int)
     dampings = _floats(args.dampings, "--dampings", ap)
+    try:
+        refines = [(0, 0.0)] + [(int(e), float(lr)) for e, lr in (x.split(":") for x in args.refine.split(",") if x.strip())]
+    except ValueError:
+        ap.error(f"--refine: give EPOCHS:LR pairs separated by commas, got {args.refine!r}")
     parent, tok = load_parent(Path(args.parent))
     if not 0 < args.vocab_size <= parent.config.vocab_size or any(not 0 < w <= parent.config.intermediate_size for w in widths):
         ap.error(f"--vocab-size up to {parent.config.vocab_size}, --widths up to {parent.config.intermediate_size}")
@@ -95,10 +103,13 @@ def main() -> None:
         pruned, neurons = prune_width(base, width, grams, parent_neurons(base))
         measure(width, "pruned", pruned, 0.0)
         for damping in dampings:
-            member = copy.deepcopy(pruned)
-            t0 = time.perf_counter()
-            sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), damping=damping, vocab=vocab)
-            measure(width, f"refit δ={damping:g}", member, time.perf_counter() - t0)
+            for epochs, lr in refines:
+                member = copy.deepcopy(pruned)
+                t0 = time.perf_counter()
+                sequential_refit(parent, member, calib, output_rows=refit_rows(neurons), damping=damping, vocab=vocab,
+                                 refine_epochs=epochs, refine_lr=lr)
+                step = f"refit δ={damping:g}" + (f" + refine {epochs} epochs at lr {lr:g}" if epochs else "")
+                measure(width, step, member, time.perf_counter() - t0)
 
     print(f"\n{tables.command()}")
     print(tables.markdown(results, [
