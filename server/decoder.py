@@ -106,9 +106,9 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of `x` [n, t, heads, head_dim] whose pairs sit side by side, as a complex
     multiply (bf16 has no complex type: its pairs are rotated in float32 and rounded back). A dense q or
     k is a view into its stage's stacked output, at an odd offset or row stride when a factored neighbour
-    has an odd rank, and a complex view needs both even: such a view is copied first."""
+    has an odd rank, and a complex view needs both even: only such a view is copied first."""
     pairs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if pairs.storage_offset() % 2 or not pairs.is_contiguous():
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.clone(memory_format=torch.contiguous_format)
     return torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * rotation).flatten(-2).to(x.dtype)
 
